@@ -1,0 +1,17 @@
+"""Expected failures of the store, each one line for the user."""
+
+
+class StoreError(Exception):
+    """Base of the store's expected failures."""
+
+
+class DatabaseUnavailable(StoreError):
+    """The database did not answer."""
+
+
+class ReadOnlyViolation(StoreError):
+    """`db query` was asked to change something."""
+
+
+class QueryError(StoreError):
+    """The query itself is wrong (syntax, unknown table...)."""

@@ -1,0 +1,218 @@
+"""The store's tables (SQLAlchemy 2). Reports keep their JSON plus the columns people filter on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class VideoState(StrEnum):
+    """Where a video is in its life; stored as the plain string."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+FINAL_STATES = (VideoState.DONE, VideoState.FAILED, VideoState.REJECTED)
+
+
+class RunState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def _str_enum(enum: type[StrEnum], name: str) -> SAEnum:
+    # Plain VARCHAR + CHECK, the value stored as is: readable in SQL, easy to extend.
+    return SAEnum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType}
+
+
+class Batch(Base):
+    """One `producer enqueue` invocation."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    frames: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    inputs: Mapped[int] = mapped_column(Integer, default=0)
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
+class Video(Base):
+    """One distinct video content (by sha256); several paths may point at it."""
+
+    __tablename__ = "videos"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    # NULL only for inputs that could not be read at all.
+    sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    duration: Mapped[float | None] = mapped_column(Float)
+    codec: Mapped[str | None] = mapped_column(String(32))
+    container: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    fps: Mapped[float | None] = mapped_column(Float)
+    rotation: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[VideoState] = mapped_column(_str_enum(VideoState, "video_state"), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    frames: Mapped[int | None] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    reports: Mapped[list[Report]] = relationship(back_populates="video")
+
+
+class Submission(Base):
+    """One input path of one batch, and what became of it; the path -> video link."""
+
+    __tablename__ = "submissions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), index=True)
+    path: Mapped[str] = mapped_column(Text, index=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
+    # queued | duplicate | already_<state> | rejected
+    outcome: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Report(Base):
+    """One description of one video by one (model, adapter, prompt version)."""
+
+    __tablename__ = "reports"
+    __table_args__ = (
+        UniqueConstraint("video_id", "model", "adapter", "prompt_version", name="uq_report_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
+    model: Mapped[str] = mapped_column(String(255))
+    adapter: Mapped[str] = mapped_column(String(255), default="")  # '' = none; NULL breaks UNIQUE
+    prompt_version: Mapped[int] = mapped_column(Integer)
+    schema_version: Mapped[int] = mapped_column(Integer)
+    valid: Mapped[bool] = mapped_column(Boolean, index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    raw_text: Mapped[str] = mapped_column(Text)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+
+    risk_factor: Mapped[str | None] = mapped_column(String(16), index=True)
+    road_type: Mapped[str | None] = mapped_column(String(16), index=True)
+    weather: Mapped[str | None] = mapped_column(String(16), index=True)
+    visibility: Mapped[str | None] = mapped_column(String(16))
+    time_of_day: Mapped[str | None] = mapped_column(String(16))
+    traffic_density: Mapped[str | None] = mapped_column(String(16))
+    pedestrian_on_road: Mapped[bool | None] = mapped_column(Boolean)
+
+    frame_timestamps: Mapped[list[Any]] = mapped_column(JSONType)
+    tokens_in: Mapped[int] = mapped_column(Integer)
+    tokens_out: Mapped[int] = mapped_column(Integer)
+    latency_s: Mapped[float] = mapped_column(Float)
+    worker_host: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    video: Mapped[Video] = relationship(back_populates="reports")
+    hazards: Mapped[list[Hazard]] = relationship(
+        back_populates="report", cascade="all, delete-orphan"
+    )
+
+
+class Hazard(Base):
+    """One hazard of one report, so `GROUP BY kind` needs no JSON functions."""
+
+    __tablename__ = "hazards"
+    __table_args__ = (Index("ix_hazards_kind", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id", ondelete="CASCADE"), index=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(Text)
+    frame: Mapped[int] = mapped_column(Integer)
+    timestamp_s: Mapped[float | None] = mapped_column(Float)
+
+    report: Mapped[Report] = relationship(back_populates="hazards")
+
+
+class TrainingRun(Base):
+    """One QLoRA SFT job."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    base_model: Mapped[str] = mapped_column(String(255))
+    dataset: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    state: Mapped[RunState] = mapped_column(_str_enum(RunState, "run_state"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    output_path: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Adapter(Base):
+    """A trained LoRA adapter the describe workers can load."""
+
+    __tablename__ = "adapters"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    base_model: Mapped[str] = mapped_column(String(255))
+    training_run_id: Mapped[int | None] = mapped_column(ForeignKey("training_runs.id"))
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

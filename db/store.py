@@ -1,0 +1,273 @@
+"""Data-access verbs. Each takes the session as a keyword; the caller owns the transaction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.models import (
+    FINAL_STATES,
+    Batch,
+    Hazard,
+    Report,
+    Submission,
+    Video,
+    VideoState,
+    utcnow,
+)
+
+# The report's enum fields copied into their own columns for plain SQL filters.
+FLAT_FIELDS = (
+    "risk_factor",
+    "road_type",
+    "weather",
+    "visibility",
+    "time_of_day",
+    "traffic_density",
+    "pedestrian_on_road",
+)
+
+
+# --- producer side ------------------------------------------------------------------------
+
+
+def create_batch(*, session: Session, frames: int, priority: int, inputs: int, note: str) -> Batch:
+    batch = Batch(frames=frames, priority=priority, inputs=inputs, note=note)
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def find_video(*, session: Session, sha256: str) -> Video | None:
+    return session.scalar(select(Video).where(Video.sha256 == sha256))
+
+
+def add_video(*, session: Session, **fields: Any) -> Video:
+    video = Video(**fields)
+    session.add(video)
+    session.flush()
+    return video
+
+
+def add_submission(
+    *, session: Session, batch_id: int, path: str, video_id: int, outcome: str
+) -> Submission:
+    sub = Submission(batch_id=batch_id, path=path, video_id=video_id, outcome=outcome)
+    session.add(sub)
+    return sub
+
+
+def requeue_video(*, session: Session, video: Video, batch_id: int, frames: int, priority: int):
+    """Send a failed video round again (a new submission asked for it)."""
+    video.state = VideoState.QUEUED
+    video.reason = None
+    video.batch_id = batch_id
+    video.frames = frames
+    video.priority = priority
+    video.finished_at = None
+
+
+@dataclass
+class StateCounts:
+    counts: dict[VideoState, int]
+    first_started: datetime | None
+    last_finished: datetime | None
+    finished_recently: int  # finished within the window given to state_counts
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def pending(self) -> int:
+        return self.counts[VideoState.QUEUED] + self.counts[VideoState.RUNNING]
+
+
+def _batch_video_ids(batch_id: int):
+    return select(Submission.video_id).where(Submission.batch_id == batch_id)
+
+
+def state_counts(
+    *, session: Session, batch_id: int | None = None, window: timedelta = timedelta(minutes=5)
+) -> StateCounts:
+    """Videos by state (all, or those one batch submitted) plus what throughput needs."""
+    scope = Video.id.in_(_batch_video_ids(batch_id)) if batch_id is not None else True
+    rows = session.execute(select(Video.state, func.count()).where(scope).group_by(Video.state))
+    counts = {state: 0 for state in VideoState}
+    for state, n in rows:
+        counts[VideoState(state)] = n
+    first_started, last_finished = session.execute(
+        select(func.min(Video.started_at), func.max(Video.finished_at)).where(
+            scope, Video.state.in_([VideoState.DONE, VideoState.FAILED])
+        )
+    ).one()
+    recent = session.scalar(
+        select(func.count()).where(
+            scope,
+            Video.state.in_([VideoState.DONE, VideoState.FAILED]),
+            Video.finished_at >= utcnow() - window,
+        )
+    )
+    return StateCounts(counts, first_started, last_finished, recent or 0)
+
+
+def latest_batch_id(*, session: Session) -> int | None:
+    return session.scalar(select(func.max(Batch.id)))
+
+
+def rejected_in_batch(*, session: Session, batch_id: int) -> list[tuple[str, str]]:
+    """(path, reason) of every rejected input of a batch."""
+    rows = session.execute(
+        select(Submission.path, Video.reason)
+        .join(Video, Video.id == Submission.video_id)
+        .where(Submission.batch_id == batch_id, Video.state == VideoState.REJECTED)
+        .order_by(Submission.id)
+    )
+    return [(path, reason or "") for path, reason in rows]
+
+
+def failed_in_batch(*, session: Session, batch_id: int) -> list[tuple[str, str]]:
+    rows = session.execute(
+        select(Video.path, Video.reason)
+        .where(Video.id.in_(_batch_video_ids(batch_id)), Video.state == VideoState.FAILED)
+        .order_by(Video.id)
+    )
+    return [(path, reason or "") for path, reason in rows]
+
+
+# --- worker side --------------------------------------------------------------------------
+
+
+def start_attempt(*, session: Session, video_id: int, worker: str) -> Video | None:
+    """Mark a video running (one more attempt); None if the row does not exist."""
+    video = session.get(Video, video_id, with_for_update=True)
+    if video is None:
+        return None
+    if video.state in FINAL_STATES:
+        return video
+    video.state = VideoState.RUNNING
+    video.attempts += 1
+    video.worker = worker
+    video.started_at = utcnow()
+    return video
+
+
+def find_report(
+    *, session: Session, video_id: int, model: str, adapter: str, prompt_version: int
+) -> Report | None:
+    return session.scalar(
+        select(Report).where(
+            Report.video_id == video_id,
+            Report.model == model,
+            Report.adapter == adapter,
+            Report.prompt_version == prompt_version,
+        )
+    )
+
+
+@dataclass
+class NewReport:
+    """Everything a worker learned about one video, ready to store."""
+
+    video_id: int
+    model: str
+    adapter: str
+    prompt_version: int
+    schema_version: int
+    raw_text: str
+    report: dict[str, Any] | None  # None when the text was not a valid report
+    error: str | None
+    frame_timestamps: list[float]
+    tokens_in: int
+    tokens_out: int
+    latency_s: float
+    worker_host: str
+    hazards: list[dict[str, Any]] = field(default_factory=list)
+
+
+def record_report(*, session: Session, new: NewReport) -> tuple[Report, bool]:
+    """Store one report (+ hazards) and mark its video done.
+
+    Idempotent: if a report with the same (video, model, adapter, prompt_version) exists
+    (a redelivered task), nothing is written and (existing, False) is returned.
+    """
+    existing = find_report(
+        session=session,
+        video_id=new.video_id,
+        model=new.model,
+        adapter=new.adapter,
+        prompt_version=new.prompt_version,
+    )
+    if existing is not None:
+        _finish(session, new.video_id, VideoState.DONE, None)
+        return existing, False
+    params = (new.report or {}).get("driving_parameters", {})
+    report = Report(
+        video_id=new.video_id,
+        model=new.model,
+        adapter=new.adapter,
+        prompt_version=new.prompt_version,
+        schema_version=new.schema_version,
+        valid=new.report is not None,
+        error=new.error,
+        raw_text=new.raw_text,
+        report=new.report,
+        frame_timestamps=new.frame_timestamps,
+        tokens_in=new.tokens_in,
+        tokens_out=new.tokens_out,
+        latency_s=new.latency_s,
+        worker_host=new.worker_host,
+        **{name: params.get(name) for name in FLAT_FIELDS},
+    )
+    for h in new.hazards:
+        frame = h["frame"]
+        ts = new.frame_timestamps[frame] if 0 <= frame < len(new.frame_timestamps) else None
+        report.hazards.append(
+            Hazard(
+                video_id=new.video_id,
+                kind=h["kind"],
+                description=h["description"],
+                frame=frame,
+                timestamp_s=ts,
+            )
+        )
+    try:
+        with session.begin_nested():
+            session.add(report)
+    except IntegrityError:
+        # Another delivery of the same task committed first: keep its report.
+        existing = find_report(
+            session=session,
+            video_id=new.video_id,
+            model=new.model,
+            adapter=new.adapter,
+            prompt_version=new.prompt_version,
+        )
+        if existing is None:
+            raise
+        _finish(session, new.video_id, VideoState.DONE, None)
+        return existing, False
+    _finish(session, new.video_id, VideoState.DONE, None)
+    return report, True
+
+
+def record_failure(*, session: Session, video_id: int, reason: str) -> None:
+    """Mark a video failed with a one-line reason (never overwrites a done video)."""
+    video = session.get(Video, video_id)
+    if video is None or video.state == VideoState.DONE:
+        return
+    _finish(session, video_id, VideoState.FAILED, reason)
+
+
+def _finish(session: Session, video_id: int, state: VideoState, reason: str | None) -> None:
+    video = session.get(Video, video_id)
+    if video is None:
+        return
+    video.state = state
+    video.reason = reason
+    video.finished_at = utcnow()

@@ -1,0 +1,192 @@
+"""A tiny random Qwen3-VL, built offline, saved like the real one so it loads the same way.
+
+The tokenizer is a byte-level BPE trained here on the prompt and schema vocabulary, with
+the Qwen3-VL special tokens; the chat template is written here and renders the same
+shape of prompt as the real model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Written for fleetscribe: Qwen's <|im_start|> turn format, an image as
+# <|vision_start|><|image_pad|><|vision_end|>; the processor expands <|image_pad|>.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+
+def _corpus() -> list[str]:
+    from models import prompt, schema
+
+    text = [prompt.SYSTEM, prompt.instruction(8)]
+    text += [f'"{k}": ' for k in schema.DrivingParameters.model_fields]
+    text += ["true", "false", "null", "[]", "{}", '", "', '": "', "0123456789"]
+    text += [
+        "A car ahead brakes at the intersection while a pedestrian crosses on the right. "
+        "Wet road, light rain, heavy traffic; the ego vehicle should slow down and keep distance."
+    ] * 4
+    return text
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """Byte-level BPE with Qwen's pre-tokenizer and special tokens, as a Qwen2Tokenizer."""
+    import json
+
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(
+        vocab=state["vocab"],
+        merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.padding_side = "left"
+    tok.model_max_length = 32768
+    return tok
+
+
+def build_tiny(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    vision_depth: int = 2,
+    vision_hidden: int = 64,
+    vision_heads: int = 4,
+    patch_size: int = 16,
+    merge_size: int = 2,
+    max_frame_pixels: int = 128 * 128,
+    vocab_size: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised Qwen3-VL + processor to `out_dir`; return the path."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    unit = patch_size * merge_size
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": unit * unit, "longest_edge": max_frame_pixels},
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=merge_size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        size={"shortest_edge": unit * unit, "longest_edge": max_frame_pixels * 4},
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=merge_size,
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+
+    half = head_dim // 2
+    section = [half - 2 * (half // 4), half // 4, half // 4]
+    config = Qwen3VLConfig(
+        text_config={
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": len(tok),
+            "max_position_embeddings": 32768,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5_000_000,
+                "mrope_section": section,
+                "mrope_interleaved": True,
+            },
+            "bos_token_id": None,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": vision_depth,
+            "hidden_size": vision_hidden,
+            "intermediate_size": vision_hidden * 2,
+            "num_heads": vision_heads,
+            "out_hidden_size": hidden_size,
+            "deepstack_visual_indexes": [vision_depth - 1],
+            "patch_size": patch_size,
+            "spatial_merge_size": merge_size,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 256,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(out)
+    return out

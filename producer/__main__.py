@@ -1,0 +1,146 @@
+"""python -m producer enqueue PATH... [--manifest F] [--frames K] [--priority N] [--wait]
+python -m producer status [--batch ID]"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from worker.cli import run
+from worker.settings import load_settings
+
+console = Console(highlight=False)
+_REASON_ROWS = 50
+
+
+def _sessions(settings):
+    from db.migrate import upgrade
+    from db.session import make_engine, make_sessionmaker, wait_for_database
+
+    engine = make_engine(settings.db_url)
+    wait_for_database(engine, timeout=30)
+    upgrade(engine)
+    return make_sessionmaker(engine)
+
+
+@click.group(help="Find, probe, dedupe and enqueue driving videos; follow their progress.")
+def cli() -> None:
+    pass
+
+
+@cli.command(help="Enqueue video files, directories (recursive), globs or a manifest.")
+@click.argument("paths", nargs=-1)
+@click.option("--manifest", type=click.Path(dir_okay=False), help="File with one path a line.")
+@click.option("--frames", "-k", type=click.IntRange(1, 64), default=None, help="Frames per video.")
+@click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True)
+@click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
+@click.option("--note", default="", help="Free text stored with the batch.")
+def enqueue(paths, manifest, frames, priority, wait, note) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from producer import enqueue as enq
+    from producer.discover import discover
+
+    if not paths and not manifest:
+        raise click.UsageError("give at least one PATH or --manifest")
+    settings = load_settings()
+    frames = frames or settings.frames
+    files = discover(list(paths), manifest=manifest)
+    sessions = _sessions(settings)
+
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=len(files) < 20) as bar:
+        task = bar.add_task("probing", total=len(files))
+        items = enq.inspect_all(files, settings, on_done=lambda _r: bar.advance(task))
+    summary, to_send = enq.record(
+        items, sessions=sessions, frames=frames, priority=priority, note=note
+    )
+    summary.sent = enq.send(to_send, sessions=sessions, priority=priority)
+    _print_summary(summary, len(files))
+    if wait:
+        _follow(sessions, summary.batch_id)
+
+
+def _print_summary(summary, n_inputs: int) -> None:
+    table = Table(title=f"batch {summary.batch_id}: {n_inputs} inputs", header_style="bold")
+    table.add_column("outcome")
+    table.add_column("inputs", justify="right")
+    for outcome, n in sorted(summary.outcomes.items()):
+        table.add_row(outcome, str(n))
+    console.print(table)
+    if summary.rejected:
+        rejected = Table(title="rejected", header_style="bold")
+        rejected.add_column("path", overflow="fold")
+        rejected.add_column("reason", overflow="fold")
+        for path, reason in summary.rejected[:_REASON_ROWS]:
+            rejected.add_row(path, reason)
+        console.print(rejected)
+        if len(summary.rejected) > _REASON_ROWS:
+            console.print(f"... and {len(summary.rejected) - _REASON_ROWS} more rejected")
+    console.print(f"{summary.sent} videos sent to the describe queue")
+
+
+def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from db import store
+    from db.session import session_scope
+    from producer.status import format_eta, progress
+
+    with session_scope(sessions) as session:
+        p = progress(session=session, batch_id=batch_id)
+    total = p.pending + p.finished
+    columns = (
+        "{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("describing", total=total, rate="")
+        while True:
+            with session_scope(sessions) as session:
+                p = progress(session=session, batch_id=batch_id)
+            rate = f"{p.per_minute:.1f}/min ETA {format_eta(p.eta_s)}" if p.per_minute else ""
+            bar.update(task, completed=p.finished, rate=rate)
+            if p.pending == 0:
+                break
+            time.sleep(poll_s)
+    with session_scope(sessions) as session:
+        failed = store.failed_in_batch(session=session, batch_id=batch_id)
+    console.print(
+        f"batch {batch_id} finished: {p.counts['done']} done, {p.counts['failed']} failed, "
+        f"{p.counts['rejected']} rejected"
+    )
+    for path, reason in failed[:_REASON_ROWS]:
+        console.print(f"  failed {path}: {reason}")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command(help="Counts by state, videos/minute and ETA (all videos, or one batch).")
+@click.option("--batch", "batch_id", type=int, default=None, help="Batch id (default: all).")
+def status(batch_id: int | None) -> None:
+    from db.session import session_scope
+    from producer.status import format_eta, progress
+
+    settings = load_settings()
+    sessions = _sessions(settings)
+    with session_scope(sessions) as session:
+        p = progress(session=session, batch_id=batch_id)
+    table = Table(title=f"batch {batch_id}" if batch_id else "all videos", header_style="bold")
+    table.add_column("state")
+    table.add_column("videos", justify="right")
+    for state, n in p.counts.items():
+        table.add_row(state.value, str(n))
+    console.print(table)
+    rate = f"{p.per_minute:.1f} videos/minute" if p.per_minute else "no videos finished lately"
+    console.print(f"throughput: {rate}; pending: {p.pending}; ETA: {format_eta(p.eta_s)}")
+
+
+if __name__ == "__main__":
+    run(cli, "python -m producer")

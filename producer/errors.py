@@ -1,0 +1,13 @@
+"""Expected failures of the producer CLI."""
+
+
+class ProducerError(Exception):
+    """Base of the producer's expected failures."""
+
+
+class NoInputs(ProducerError):
+    """Nothing to enqueue was found."""
+
+
+class BrokerUnavailable(ProducerError):
+    """The broker did not accept the messages."""

@@ -1,0 +1,35 @@
+"""What every `python -m ...` entry point shares: expected errors become one line, exit 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+
+from db.errors import StoreError
+from models.errors import ModelError
+from producer.errors import ProducerError
+from worker.errors import WorkerError
+from worker.settings import SettingsError
+
+EXPECTED_ERRORS = (SettingsError, StoreError, ModelError, ProducerError, WorkerError)
+
+err_console = Console(stderr=True, highlight=False)
+
+
+def run(command: click.Command, prog_name: str) -> None:
+    """Run a click command; expected failures print `error: ...` and exit 2, no traceback."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except EXPECTED_ERRORS as e:
+        err_console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

@@ -1,0 +1,106 @@
+"""The one settings object every fleetscribe entry point reads (env prefix ``FLEETSCRIBE_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.loader import Quant
+
+DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+
+
+class Settings(BaseSettings):
+    """Validated at start-up; a bad value fails with a message naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="FLEETSCRIBE_", extra="ignore")
+
+    # Where the embedded defaults live: the SQLite file and the server-less broker's folders.
+    home: Path = Path(".fleetscribe")
+    broker_url: str = "filesystem://"
+    database_url: str = ""
+
+    model: str = DEFAULT_MODEL
+    adapter: str | None = None
+    quant: Quant = Quant.NF4
+    frames: int = Field(8, ge=1, le=64)
+    frame_max_side: int = Field(640, ge=32, le=4096)
+    max_new_tokens: int = Field(512, ge=1, le=8192)
+    batch_size: int = Field(8, ge=1, le=512)
+    video_roots: list[Path] = Field(default_factory=list)
+
+    # A task that runs past the soft limit is failed with a reason; past the hard limit
+    # its process is killed and replaced (a decoder that hangs cannot hold a worker).
+    task_soft_time_limit: int = Field(600, ge=1)
+    task_time_limit: int = Field(660, ge=1)
+    # The largest file the producer accepts; bigger files are rejected with a reason.
+    max_video_bytes: int = Field(64 * 2**30, ge=1)
+
+    @field_validator("video_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        # FLEETSCRIBE_VIDEO_ROOTS=/data/a:/data/b (like PATH) or a JSON list.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [part for part in value.split(":") if part]
+        return value
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _empty_adapter(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _limits_ordered(self) -> Settings:
+        if self.task_time_limit <= self.task_soft_time_limit:
+            raise ValueError(
+                "FLEETSCRIBE_TASK_TIME_LIMIT must be larger than FLEETSCRIBE_TASK_SOFT_TIME_LIMIT"
+            )
+        return self
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under ``home``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'fleetscribe.db').resolve()}"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Message folder of the server-less (filesystem) broker."""
+        return (self.home / "broker").resolve()
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem:")
+
+    @property
+    def adapter_name(self) -> str:
+        """The adapter as stored on reports: '' for the bare base model."""
+        return self.adapter or ""
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()
+
+
+class SettingsError(Exception):
+    """A FLEETSCRIBE_* variable holds a value that cannot be used."""
+
+
+def load_settings() -> Settings:
+    """Like :func:`get_settings`, but a bad value becomes one readable line."""
+    from pydantic import ValidationError
+
+    try:
+        return get_settings()
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            name = "FLEETSCRIBE_" + "_".join(str(p) for p in err["loc"]).upper()
+            problems.append(f"{name}: {err['msg']}" if err["loc"] else err["msg"])
+        raise SettingsError("bad setting: " + "; ".join(problems)) from None
