@@ -72,15 +72,15 @@ def _print_summary(summary, n_inputs: int) -> None:
     for outcome, n in sorted(summary.outcomes.items()):
         table.add_row(outcome, str(n))
     console.print(table)
-    if summary.rejected:
-        rejected = Table(title="rejected", header_style="bold")
-        rejected.add_column("path", overflow="fold")
-        rejected.add_column("reason", overflow="fold")
-        for path, reason in summary.rejected[:_REASON_ROWS]:
-            rejected.add_row(path, reason)
-        console.print(rejected)
-        if len(summary.rejected) > _REASON_ROWS:
-            console.print(f"... and {len(summary.rejected) - _REASON_ROWS} more rejected")
+    # One plain line per rejected file: easy to read, to grep and to paste.
+    for path, reason in summary.rejected[:_REASON_ROWS]:
+        console.print(f"rejected {path}: {reason}", soft_wrap=True)
+    if len(summary.rejected) > _REASON_ROWS:
+        console.print(
+            f"... and {len(summary.rejected) - _REASON_ROWS} more rejected "
+            f"(python -m producer status --batch {summary.batch_id} lists counts; "
+            "SELECT path, reason FROM videos WHERE state = 'rejected' lists them all)"
+        )
     console.print(f"{summary.sent} videos sent to the describe queue")
 
 
@@ -117,7 +117,7 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
         f"{p.counts['rejected']} rejected"
     )
     for path, reason in failed[:_REASON_ROWS]:
-        console.print(f"  failed {path}: {reason}")
+        console.print(f"failed {path}: {reason}", soft_wrap=True)
     if failed:
         sys.exit(1)
 
@@ -140,6 +140,16 @@ def status(batch_id: int | None) -> None:
     console.print(table)
     rate = f"{p.per_minute:.1f} videos/minute" if p.per_minute else "no videos finished lately"
     console.print(f"throughput: {rate}; pending: {p.pending}; ETA: {format_eta(p.eta_s)}")
+
+
+@cli.command(help="Write a few short synthetic driving videos to DIR (to try fleetscribe).")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--count", default=6, show_default=True, type=click.IntRange(1, 1000))
+def samples(directory: str, count: int) -> None:
+    from producer.samples import make_samples
+
+    paths = make_samples(directory, count=count)
+    console.print(f"{len(paths)} sample videos written to {directory}")
 
 
 if __name__ == "__main__":

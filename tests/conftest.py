@@ -1,0 +1,82 @@
+"""Shared fixtures: the tiny offline model, real PostgreSQL databases and a real Redis."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN_URL = os.environ.get(
+    "FLEETSCRIBE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("FLEETSCRIBE_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random Qwen3-VL, built once per test session through `build_tiny`."""
+    from models.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+def _pg_admin():
+    import psycopg
+
+    return psycopg.connect(
+        PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql"), autocommit=True
+    )
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A fresh, empty PostgreSQL database on the local server, dropped afterwards."""
+    name = f"fleetscribe_test_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'fleetscribe.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str:
+    """Each test using this runs on SQLite and on PostgreSQL."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def migrated(db_url):
+    """(engine, sessionmaker) on a database upgraded to head."""
+    from db.migrate import upgrade
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield engine, make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A real Redis database, emptied before and after the test."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
