@@ -50,8 +50,9 @@ demo: install
 	$(PY) -m producer enqueue $(DEMO)/videos --wait
 	$(PY) -m producer status
 	$(PY) -m db query "SELECT v.id, v.state, v.codec, v.width || 'x' || v.height AS size, \
-	    round(v.duration, 1) AS seconds, r.valid, r.tokens_out, round(r.latency_s, 3) AS latency_s, \
-	    coalesce(r.risk_factor, '') AS risk, substr(coalesce(r.error, v.reason, ''), 1, 50) AS note \
+	    round(v.duration, 1) AS seconds, r.valid, r.tokens_in, r.tokens_out, \
+	    round(r.latency_s, 3) AS latency_s, coalesce(r.risk_factor, '') AS risk, \
+	    coalesce(r.error, v.reason, '') AS note \
 	    FROM videos v LEFT JOIN reports r ON r.video_id = v.id ORDER BY v.id"
 	$(PY) -m db query "SELECT s.path, s.outcome, s.video_id FROM submissions s ORDER BY s.id"
 

@@ -46,9 +46,13 @@ def query(sql: str, fmt: str) -> None:
     elif fmt == "csv":
         click.echo(to_csv(result), nl=False)
     else:
+        import sys
+
         from rich.console import Console
 
-        Console(soft_wrap=False).print(to_table(result))
+        # Piped output gets a wide page instead of rich's 80 columns, so cells don't fold.
+        width = None if sys.stdout.isatty() else 400
+        Console(soft_wrap=False, width=width).print(to_table(result))
         click.echo(f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''})")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -63,7 +63,7 @@ def _str_enum(enum: type[StrEnum], name: str) -> SAEnum:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSONType, list[Any]: JSONType}
+    type_annotation_map: ClassVar = {dict[str, Any]: JSONType, list[Any]: JSONType}
 
 
 class Batch(Base):

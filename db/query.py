@@ -95,7 +95,9 @@ def _postgres_query(parsed, sql: str) -> QueryResult:
         conn = psycopg.connect(
             conninfo,
             connect_timeout=10,
-            options=f"-c default_transaction_read_only=on -c statement_timeout={_STATEMENT_TIMEOUT_MS}",
+            options=(
+                f"-c default_transaction_read_only=on -c statement_timeout={_STATEMENT_TIMEOUT_MS}"
+            ),
         )
     except psycopg.OperationalError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else "no answer"

@@ -112,7 +112,9 @@ def build_tiny(
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(vocab_size)

@@ -1,0 +1,122 @@
+"""The tiny offline model loads through the real from_pretrained path and the engine runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.errors import ModelLoadError
+from models.loader import Quant, load_describer
+from models.prompt import build_messages
+from producer.samples import make_video
+from worker.engine import Engine
+from worker.video import sample_frames
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model) -> Engine:
+    loaded = load_describer(str(tiny_model), quant=Quant.FP32, device="cpu")
+    return Engine(loaded, max_new_tokens=12, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    videos = [
+        make_video(folder / "a.mp4", seed=1, seconds=2.0),
+        make_video(folder / "b.webm", codec="libvpx-vp9", seed=2, seconds=1.0, width=128),
+        make_video(folder / "c.mkv", seed=3, seconds=3.0, night=True),
+    ]
+    # different frame counts give different prompt lengths: batching must pad them
+    return [sample_frames(v, k, max_side=160) for v, k in zip(videos, (4, 3, 2), strict=True)]
+
+
+def test_build_tiny_cli_writes_a_loadable_model(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "models", "build-tiny", str(tmp_path / "m")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["model_type"] == "qwen3_vl"
+    assert "rope_parameters" in config["text_config"]
+    for name in ("tokenizer.json", "processor_config.json", "model.safetensors"):
+        assert (tmp_path / "m" / name).exists(), name
+
+
+def test_processor_keeps_the_qwen_special_tokens(tiny_model):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    tok = processor.tokenizer
+    for token in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>"):
+        ids = tok.encode(token, add_special_tokens=False)
+        assert len(ids) == 1, token
+    text = processor.apply_chat_template(
+        build_messages([0.0, 1.0]), tokenize=False, add_generation_prompt=True
+    )
+    assert text.count("<|image_pad|>") == 2
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_engine_answers_each_video(engine, sampled):
+    answers = engine.describe(sampled)
+    assert len(answers) == len(sampled)
+    for answer in answers:
+        assert answer.tokens_in > 0
+        assert 1 <= answer.tokens_out <= engine.max_new_tokens
+        assert isinstance(answer.text, str)
+
+
+def test_batched_greedy_equals_one_at_a_time(engine, sampled):
+    """Left padding and per-row stopping must not change any video's answer (float32)."""
+    batched = [a.text for a in engine.describe(sampled)]
+    single = [engine.describe([v])[0].text for v in sampled]
+    assert batched == single
+
+
+def test_nf4_without_cuda_is_a_clear_error(tiny_model):
+    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+        load_describer(str(tiny_model), quant=Quant.NF4, device="cpu")
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_describer(str(tmp_path / "nope"), quant=Quant.FP32, device="cpu")
+
+
+def test_worker_describe_cli_prints_json(tiny_model, tmp_path):
+    video = make_video(tmp_path / "clip.mp4", seed=7)
+    (tmp_path / "bad.mp4").write_text("nope")
+    env = {
+        "FLEETSCRIBE_MODEL": str(tiny_model),
+        "FLEETSCRIBE_QUANT": "fp32",
+        "FLEETSCRIBE_MAX_NEW_TOKENS": "8",
+        "FLEETSCRIBE_FRAMES": "3",
+        "FLEETSCRIBE_HOME": str(tmp_path / "home"),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+    }
+    args = ["describe", str(video), str(tmp_path / "bad.mp4"), "--json"]
+    out = subprocess.run(
+        [sys.executable, "-m", "worker", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1  # one input failed
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    assert results[0]["status"] == "done" and len(results[0]["frame_timestamps"]) == 3
+    assert results[0]["valid"] is (results[0]["report"] is not None)
+    assert results[1]["status"] == "failed" and "not a video" in results[1]["reason"]
