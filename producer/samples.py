@@ -187,6 +187,7 @@ def make_video(
     to the container (e.g. {"movflags": "+faststart"}).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if rotation % 90:
         raise ValueError(f"rotation must be a multiple of 90, not {rotation}")
     turns = (rotation // 90) % 4

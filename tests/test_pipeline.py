@@ -92,7 +92,7 @@ def _inputs(folder: Path) -> tuple[list[Path], dict[str, str], tuple[Path, Path]
         make_video(folder / "b_vp9.webm", codec="libvpx-vp9", seed=2),
         make_video(folder / "c_vfr.mkv", codec="libx264", vfr=True, seed=3),
         make_video(folder / "d_phone.mov", codec="libx264", rotation=90, seed=4),
-        make_video(_mkdir(folder / "sub") / "e_mpeg4.avi", codec="mpeg4", seed=5),
+        make_video(folder / "sub" / "e_mpeg4.avi", codec="mpeg4", seed=5),
     ]
     dup = folder / "sub" / "a_copy_under_other_name.mp4"
     shutil.copy(good[0], dup)
@@ -178,7 +178,3 @@ def test_enqueue_wait_describes_every_good_file_once(backend, request, tmp_path,
         assert "notes.txt" not in {Path(p).name for p in session.scalars(select(Submission.path))}
     engine.dispose()
 
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -1,0 +1,159 @@
+"""The describe task's outcomes, run in-process on SQLite with the tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from db import store
+from db.models import Hazard, Report, Video, VideoState
+from db.session import session_scope
+from models.loader import Quant
+from producer.enqueue import inspect_file, record
+from producer.samples import make_video
+from worker.describe import Runtime, describe_video
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def runtime(tiny_model, sqlite_url, tmp_path):
+    settings = Settings(
+        home=tmp_path / "home",
+        database_url=sqlite_url,
+        model=str(tiny_model),
+        quant=Quant.FP32,
+        frames=3,
+        max_new_tokens=8,
+        video_roots=[tmp_path / "videos"],
+    )
+    from db.migrate import upgrade
+
+    rt = Runtime.create(settings)
+    upgrade(rt.sessions.kw["bind"])
+    return rt
+
+
+def _enqueued(rt: Runtime, path: Path) -> int:
+    """Record `path` as the producer would (without sending a message); its video id."""
+    item = inspect_file(str(path), rt.settings)
+    assert item.reason is None, item.reason
+    _, to_send = record([item], sessions=rt.sessions, frames=3, priority=0, note="")
+    return to_send[0].id
+
+
+def _video(rt: Runtime, video_id: int) -> Video:
+    with session_scope(rt.sessions) as session:
+        return session.get(Video, video_id)
+
+
+def test_a_redelivered_message_writes_one_report(runtime, tmp_path):
+    path = make_video(tmp_path / "videos" / "a.mp4", seed=1)
+    vid = _enqueued(runtime, path)
+    assert describe_video(runtime, video_id=vid, path=str(path), frames=None) == "done"
+    # the same message again, as after a broker redelivery
+    assert describe_video(runtime, video_id=vid, path=str(path), frames=None) == "done"
+    with session_scope(runtime.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(Report)) == 1
+        report = session.scalar(select(Report))
+        assert len(report.frame_timestamps) == 3
+        assert report.valid == (report.report is not None)
+        hazards = session.scalar(select(func.count()).select_from(Hazard))
+        assert hazards == len((report.report or {}).get("hazards", []))
+    video = _video(runtime, vid)
+    assert video.state == VideoState.DONE and video.attempts == 1 and video.finished_at
+
+
+def test_a_stored_report_for_a_requeued_video_is_not_duplicated(runtime, tmp_path):
+    path = make_video(tmp_path / "videos" / "a.mp4", seed=2)
+    vid = _enqueued(runtime, path)
+    describe_video(runtime, video_id=vid, path=str(path), frames=None)
+    with session_scope(runtime.sessions) as session:  # e.g. a stale 'running' row requeued
+        session.get(Video, vid).state = VideoState.QUEUED
+    assert describe_video(runtime, video_id=vid, path=str(path), frames=None) == "done"
+    with session_scope(runtime.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(Report)) == 1
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: p.unlink(), "the file is gone since it was enqueued"),
+        (lambda p: p.write_bytes(p.read_bytes() + b"x"), "the file changed since it was enqueued"),
+        (lambda p: p.write_bytes(b"\0" * p.stat().st_size), "not a video"),
+    ],
+    ids=["deleted", "grown", "overwritten"],
+)
+def test_a_file_damaged_after_enqueue_fails_with_its_reason(runtime, tmp_path, damage, reason):
+    path = make_video(tmp_path / "videos" / "a.mp4", seed=3)
+    vid = _enqueued(runtime, path)
+    damage(path)
+    assert describe_video(runtime, video_id=vid, path=str(path), frames=None) == "failed"
+    video = _video(runtime, vid)
+    assert video.state == VideoState.FAILED
+    assert reason in video.reason
+    with session_scope(runtime.sessions) as session:
+        assert session.scalar(select(func.count()).select_from(Report)) == 0
+
+
+def test_a_path_outside_the_video_roots_is_refused(runtime, tmp_path):
+    outside = make_video(tmp_path / "elsewhere" / "a.mp4", seed=4)
+    inside = tmp_path / "videos"
+    inside.mkdir(exist_ok=True)
+    link = inside / "link.mp4"
+    link.symlink_to(outside)
+    item = inspect_file(str(link), runtime.settings)
+    assert item.reason and "outside FLEETSCRIBE_VIDEO_ROOTS" in item.reason
+    # and a worker given such a path directly (a forged message) refuses it too
+    with session_scope(runtime.sessions) as session:
+        vid = store.add_video(
+            session=session, path=str(link), sha256="f" * 64, state=VideoState.QUEUED
+        ).id
+    assert describe_video(runtime, video_id=vid, path=str(link), frames=None) == "failed"
+    assert "outside FLEETSCRIBE_VIDEO_ROOTS" in _video(runtime, vid).reason
+
+
+def test_a_message_for_an_unknown_video_is_dropped(runtime):
+    assert describe_video(runtime, video_id=999, path="/nope.mp4", frames=None) == "missing"
+
+
+def _cli(args: list[str], env_extra: dict[str, str], tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSCRIBE_")}
+    env.update(FLEETSCRIBE_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", **env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
+    out = _cli(["producer", "status"], {"FLEETSCRIBE_FRAMES": "0"}, tmp_path)
+    assert out.returncode == 2
+    assert "FLEETSCRIBE_FRAMES" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_worker_with_a_missing_model_refuses_to_start(tmp_path):
+    out = _cli(["worker"], {"FLEETSCRIBE_MODEL": str(tmp_path / "no-model")}, tmp_path)
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_an_unreachable_database_is_one_line(tmp_path):
+    out = _cli(
+        ["db", "upgrade", "--wait", "1"],
+        {"FLEETSCRIBE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+        tmp_path,
+    )
+    assert out.returncode == 2
+    assert "did not answer" in out.stderr and "Traceback" not in out.stderr
