@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.loader import Quant
 
@@ -30,7 +31,7 @@ class Settings(BaseSettings):
     frame_max_side: int = Field(640, ge=32, le=4096)
     max_new_tokens: int = Field(512, ge=1, le=8192)
     batch_size: int = Field(8, ge=1, le=512)
-    video_roots: list[Path] = Field(default_factory=list)
+    video_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     # A task that runs past the soft limit is failed with a reason; past the hard limit
     # its process is killed and replaced (a decoder that hangs cannot hold a worker).
@@ -43,7 +44,11 @@ class Settings(BaseSettings):
     @classmethod
     def _split_roots(cls, value: object) -> object:
         # FLEETSCRIBE_VIDEO_ROOTS=/data/a:/data/b (like PATH) or a JSON list.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                import json
+
+                return json.loads(value)
             return [part for part in value.split(":") if part]
         return value
 

@@ -1,0 +1,52 @@
+"""Settings: read from FLEETSCRIBE_* variables and validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.settings import Settings, SettingsError, get_settings, load_settings
+
+
+@pytest.mark.parametrize(
+    "value, roots",
+    [
+        ("/videos", [Path("/videos")]),
+        ("/a:/b/c", [Path("/a"), Path("/b/c")]),
+        ('["/a", "/b"]', [Path("/a"), Path("/b")]),
+        ("", []),
+    ],
+)
+def test_video_roots_from_the_environment(monkeypatch, value, roots):
+    monkeypatch.setenv("FLEETSCRIBE_VIDEO_ROOTS", value)
+    assert Settings().video_roots == roots
+
+
+def test_defaults_are_the_embedded_mode(monkeypatch, tmp_path):
+    for name in ("FLEETSCRIBE_BROKER_URL", "FLEETSCRIBE_DATABASE_URL", "FLEETSCRIBE_QUANT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLEETSCRIBE_HOME", str(tmp_path))
+    settings = Settings()
+    assert settings.embedded_broker
+    assert settings.db_url == f"sqlite:///{tmp_path.resolve() / 'fleetscribe.db'}"
+    assert settings.quant == "nf4" and settings.frames == 8
+    assert settings.model == "Qwen/Qwen3-VL-4B-Instruct"
+
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("FLEETSCRIBE_QUANT", "int3", "FLEETSCRIBE_QUANT"),
+        ("FLEETSCRIBE_FRAMES", "65", "FLEETSCRIBE_FRAMES"),
+        ("FLEETSCRIBE_TASK_TIME_LIMIT", "10", "FLEETSCRIBE_TASK_TIME_LIMIT"),
+    ],
+)
+def test_a_bad_value_is_named(monkeypatch, name, value, words):
+    monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(SettingsError, match=words):
+            load_settings()
+    finally:
+        get_settings.cache_clear()
