@@ -29,7 +29,7 @@ class Quant(StrEnum):
 
 # Kept in 16-bit under NF4: the vision tower is small and quantising it costs accuracy,
 # and lm_head is tied to the embeddings.
-NF4_SKIP_MODULES = ["visual", "lm_head"]
+NF4_SKIP_MODULES = ["model.visual", "lm_head"]
 
 
 @dataclass

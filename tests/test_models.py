@@ -120,3 +120,20 @@ def test_worker_describe_cli_prints_json(tiny_model, tmp_path):
     assert results[0]["status"] == "done" and len(results[0]["frame_timestamps"]) == 3
     assert results[0]["valid"] is (results[0]["report"] is not None)
     assert results[1]["status"] == "failed" and "not a video" in results[1]["reason"]
+
+
+def test_nf4_keeps_the_vision_tower_and_lm_head_in_16_bit(tiny_model):
+    """The skip list matches real module names: vision and lm_head stay, text layers go 4-bit."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from models.loader import NF4_SKIP_MODULES
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    converted = {n for n in linears if should_convert_module(n, NF4_SKIP_MODULES)}
+    assert converted, "no text layer would be quantised"
+    assert all(".language_model." in n for n in converted)
+    assert "lm_head" not in converted
+    assert any(".visual." in n for n in linears) and not any(".visual." in n for n in converted)

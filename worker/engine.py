@@ -9,11 +9,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from models.loader import LoadedModel, load_describer
 from models.prompt import PROMPT_VERSION, build_messages
 from worker.settings import Settings
-from worker.video import SampledVideo
+
+if TYPE_CHECKING:  # PyAV is not needed to run the model
+    from worker.video import SampledVideo
 
 log = logging.getLogger(__name__)
 
