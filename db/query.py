@@ -52,7 +52,8 @@ _SQLITE_READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list",
 def _sqlite_authorizer(action: int, arg1, arg2, _db, _trigger) -> int:
     if action in _SQLITE_ALLOWED or action == _SQLITE_RECURSIVE:
         return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and arg1 in _SQLITE_READ_PRAGMAS and arg2 is None:
+    # these only read, whatever table or index they are given (arg2)
+    if action == sqlite3.SQLITE_PRAGMA and arg1 in _SQLITE_READ_PRAGMAS:
         return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY
 
@@ -104,6 +105,7 @@ def _postgres_query(parsed, sql: str) -> QueryResult:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {reason}") from None
     try:
         conn.read_only = True
+        _drop_server_privileges(conn, conninfo)
         with conn.cursor() as cur:
             cur.execute(sql, prepare=True)  # type: ignore[arg-type]
             if cur.description is None:
@@ -121,6 +123,43 @@ def _postgres_query(parsed, sql: str) -> QueryResult:
     finally:
         conn.rollback()
         conn.close()
+
+
+QUERY_ROLE = "fleetscribe_query"
+_PRIVILEGED = """
+SELECT r.rolsuper
+    OR pg_has_role(current_user, 'pg_execute_server_program', 'MEMBER')
+    OR pg_has_role(current_user, 'pg_write_server_files', 'MEMBER')
+    OR pg_has_role(current_user, 'pg_read_server_files', 'MEMBER')
+FROM pg_roles r WHERE r.rolname = current_user
+"""
+
+
+def _drop_server_privileges(conn, conninfo: str) -> None:
+    """A READ ONLY transaction still lets a superuser run COPY ... TO PROGRAM or read server
+    files. If the connecting role can do that, the query runs as a NOLOGIN role that can
+    only read table data (pg_read_all_data), created on first use."""
+    import psycopg
+    from psycopg import errors as pgerrors
+
+    (privileged,) = conn.execute(_PRIVILEGED).fetchone() or (False,)
+    if not privileged:
+        return
+    try:
+        with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as admin:
+            exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (QUERY_ROLE,))
+            if exists.fetchone() is None:
+                admin.execute(f"CREATE ROLE {QUERY_ROLE} NOLOGIN")
+            admin.execute(f"GRANT pg_read_all_data TO {QUERY_ROLE}")
+    except (pgerrors.DuplicateObject, pgerrors.UniqueViolation):
+        pass  # another `db query` created it a moment ago
+    except psycopg.Error as e:
+        raise ReadOnlyViolation(
+            "refused: the database user may run programs or write files on the server, and "
+            f"the read-only role {QUERY_ROLE} could not be made ({_first_line(e)}); "
+            "connect `db query` as an ordinary user"
+        ) from None
+    conn.execute(f"SET ROLE {QUERY_ROLE}")
 
 
 def _first_line(e: Exception) -> str:

@@ -23,6 +23,7 @@ def make_engine(url: str, **kwargs) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # psycopg 3 is the driver we install; plain postgresql:// would look for psycopg2.
@@ -30,7 +31,14 @@ def make_engine(url: str, **kwargs) -> Engine:
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
+def _sqlite_begin(conn) -> None:
+    # pysqlite would only BEGIN before the first write, so a SAVEPOINT could open (and its
+    # RELEASE commit) the transaction by itself; SQLAlchemy's documented fix.
+    conn.exec_driver_sql("BEGIN")
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _sqlite_begin)
     # WAL lets the producer read while a worker writes; busy_timeout rides out the
     # short write locks of several worker processes on one file.
     cur = dbapi_conn.cursor()

@@ -26,7 +26,7 @@ def read_manifest(manifest: str | os.PathLike) -> list[str]:
         raise NoInputs(f"cannot read manifest {manifest}: {e.strerror or e}") from None
     out = []
     for line in lines:
-        entry = line.strip()
+        entry = os.path.expanduser(line.strip())
         if not entry or entry.startswith("#"):
             continue
         out.append(entry if os.path.isabs(entry) else str(path.parent / entry))

@@ -177,4 +177,3 @@ def test_enqueue_wait_describes_every_good_file_once(backend, request, tmp_path,
         assert {s.outcome for s in subs} == {"queued", "duplicate"}
         assert "notes.txt" not in {Path(p).name for p in session.scalars(select(Submission.path))}
     engine.dispose()
-

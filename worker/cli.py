@@ -6,6 +6,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from db.errors import StoreError
 from models.errors import ModelError
@@ -29,7 +30,7 @@ def run(command: click.Command, prog_name: str) -> None:
         e.show()
         sys.exit(e.exit_code)
     except EXPECTED_ERRORS as e:
-        err_console.print(f"[red]error:[/red] {e}", markup=True, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)

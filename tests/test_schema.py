@@ -1,0 +1,385 @@
+"""Report schema v1: parsing model answers, the published JSON Schema, and the prompt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from enum import StrEnum
+from pathlib import Path
+
+import pytest
+
+from models import schema as s
+from models.prompt import SYSTEM, build_messages, instruction
+from models.schema import DrivingParameters, Report, json_schema, parse_report
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES = 8
+
+# Every enum-typed driving parameter and the enum it must draw its values from.
+PARAM_ENUMS: dict[str, type[StrEnum]] = {
+    "road_type": s.RoadType,
+    "ego_lane_position": s.LanePosition,
+    "traffic_light_state": s.TrafficLight,
+    "closest_vehicle_distance": s.Distance,
+    "ego_vehicle_speed": s.Speed,
+    "road_curvature": s.Curvature,
+    "weather": s.Weather,
+    "visibility": s.Visibility,
+    "time_of_day": s.TimeOfDay,
+    "traffic_density": s.Density,
+    "risk_factor": s.Risk,
+}
+
+
+def valid_report() -> dict:
+    """A complete schema-v1 report, as a model should answer it."""
+    return {
+        "schema_version": 1,
+        "scene_description": "A white van ahead in the right lane; a pedestrian at a crossing.",
+        "driving_parameters": {
+            "road_type": "urban",
+            "lane_count": 2,
+            "ego_lane_position": "left",
+            "traffic_light_state": "red",
+            "pedestrian_on_road": True,
+            "closest_vehicle_distance": "near",
+            "ego_vehicle_speed": "slow",
+            "road_curvature": "straight",
+            "weather": "rain",
+            "visibility": "moderate",
+            "time_of_day": "night",
+            "traffic_density": "light",
+            "risk_factor": "high",
+        },
+        "hazards": [
+            {"kind": "pedestrian", "description": "pedestrian stepping off the kerb", "frame": 3},
+            {"kind": "vehicle", "description": "van braking", "frame": 7},
+        ],
+        "risk_assessment": "The pedestrian may cross; slow down and be ready to stop.",
+    }
+
+
+def answer(change=None) -> str:
+    report = valid_report()
+    if change is not None:
+        change(report)
+    return json.dumps(report)
+
+
+def assert_one_line_error(text: str, *needles: str) -> str:
+    parsed = parse_report(text, frames=FRAMES)
+    assert not parsed.valid
+    assert parsed.report is None
+    assert parsed.error
+    assert "\n" not in parsed.error, parsed.error
+    for needle in needles:
+        assert needle in parsed.error, parsed.error
+    return parsed.error
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def test_valid_report_parses_and_round_trips():
+    parsed = parse_report(answer(), frames=FRAMES)
+    assert parsed.valid, parsed.error
+    assert parsed.error is None
+    assert parsed.report == valid_report()
+    # What is stored parses again to the same thing, and is plain JSON (no enum objects).
+    again = parse_report(json.dumps(parsed.report), frames=FRAMES)
+    assert again.report == parsed.report
+    assert json.loads(json.dumps(parsed.report)) == parsed.report
+    assert type(parsed.report["driving_parameters"]["weather"]) is str
+    assert Report.model_validate(parsed.report).model_dump(mode="json") == parsed.report
+
+
+def test_report_without_hazards_is_valid():
+    parsed = parse_report(answer(lambda r: r.update(hazards=[])), frames=FRAMES)
+    assert parsed.valid, parsed.error
+    assert parsed.report["hazards"] == []
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        "```json\n{}\n```",
+        "```\n{}\n```",
+        "Here is the report:\n{}\nLet me know if you need more.",
+        "Sure! ```json\n{}\n``` Hope that helps.",
+        "  \n{}\n  ",
+    ],
+    ids=["json-fence", "bare-fence", "prose", "prose-and-fence", "whitespace"],
+)
+def test_prose_and_code_fences_around_the_json_still_parse(wrap):
+    parsed = parse_report(wrap.format(answer()), frames=FRAMES)
+    assert parsed.valid, parsed.error
+    assert parsed.report == valid_report()
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["no report here, sorry", "", "[1, 2, 3]", '{"schema_version": 1, "hazards": [}'],
+    ids=["prose", "empty", "array", "broken"],
+)
+def test_not_json_is_one_line_error(text):
+    assert_one_line_error(text, "not JSON")
+
+
+def _set_param(name, value):
+    return lambda r: r["driving_parameters"].__setitem__(name, value)
+
+
+def _del(*path):
+    def change(r):
+        target = r
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (_set_param("weather", "sunny"), "driving_parameters.weather"),
+        (_set_param("risk_factor", "extreme"), "driving_parameters.risk_factor"),
+        (_set_param("road_type", "Highway"), "driving_parameters.road_type"),
+        (
+            lambda r: r["hazards"][1].__setitem__("kind", "dog"),
+            "hazards.1.kind",
+        ),
+        (_set_param("lane_count", s.MAX_LANES + 1), "driving_parameters.lane_count"),
+        (_set_param("lane_count", -1), "driving_parameters.lane_count"),
+        (_set_param("lane_count", 2.5), "driving_parameters.lane_count"),
+        (lambda r: r.update(comment="extra"), "comment"),
+        (_set_param("speed_kmh", 40), "driving_parameters.speed_kmh"),
+        (lambda r: r["hazards"][0].update(severity="high"), "hazards.0.severity"),
+        (_del("risk_assessment"), "risk_assessment"),
+        (_del("driving_parameters", "visibility"), "driving_parameters.visibility"),
+        (_del("hazards", 0, "frame"), "hazards.0.frame"),
+        (lambda r: r.update(schema_version=2), "schema_version"),
+        (_del("schema_version"), "schema_version"),
+        (
+            lambda r: r.update(
+                hazards=[{"kind": "other", "description": "x", "frame": 0}] * (s.MAX_HAZARDS + 1)
+            ),
+            "hazards",
+        ),
+        (
+            lambda r: r.update(scene_description="x" * (s.MAX_SCENE_CHARS + 1)),
+            "scene_description",
+        ),
+        (lambda r: r.update(scene_description=""), "scene_description"),
+        (
+            lambda r: r.update(risk_assessment="x" * (s.MAX_RISK_CHARS + 1)),
+            "risk_assessment",
+        ),
+    ],
+    ids=[
+        "enum-weather",
+        "enum-risk",
+        "enum-case",
+        "enum-hazard-kind",
+        "lanes-too-many",
+        "lanes-negative",
+        "lanes-fraction",
+        "extra-key-top",
+        "extra-key-params",
+        "extra-key-hazard",
+        "missing-top",
+        "missing-param",
+        "missing-hazard-frame",
+        "schema-version-2",
+        "schema-version-missing",
+        "too-many-hazards",
+        "scene-too-long",
+        "scene-empty",
+        "risk-too-long",
+    ],
+)
+def test_schema_violation_is_one_line_error_naming_the_field(change, field):
+    error = assert_one_line_error(answer(change), "schema v1")
+    # The field is named as the location of the first problem: "schema v1: <field>: ...".
+    assert error.split(": ")[1] == field, error
+
+
+def test_schema_version_2_is_refused_even_if_otherwise_valid():
+    error = assert_one_line_error(answer(lambda r: r.update(schema_version=2)), "schema_version")
+    assert "1" in error.split("schema_version")[1]
+
+
+def test_max_lanes_and_max_hazards_are_accepted():
+    def at_limits(r):
+        r["driving_parameters"]["lane_count"] = s.MAX_LANES
+        r["hazards"] = [{"kind": "road", "description": "pothole", "frame": 0}] * s.MAX_HAZARDS
+        r["scene_description"] = "x" * s.MAX_SCENE_CHARS
+
+    parsed = parse_report(answer(at_limits), frames=FRAMES)
+    assert parsed.valid, parsed.error
+    assert len(parsed.report["hazards"]) == s.MAX_HAZARDS
+
+
+def test_hazard_frame_must_be_one_of_the_sampled_frames():
+    last = answer(lambda r: r["hazards"][1].update(frame=FRAMES - 1))
+    assert parse_report(last, frames=FRAMES).valid
+    error = assert_one_line_error(
+        answer(lambda r: r["hazards"][1].update(frame=FRAMES)), "hazards.1.frame", str(FRAMES)
+    )
+    assert "sampled" in error
+    # The same answer is fine when more frames were sampled.
+    assert parse_report(answer(lambda r: r["hazards"][1].update(frame=FRAMES)), frames=16).valid
+
+
+def test_several_problems_are_still_one_line_and_counted():
+    def broken(r):
+        r["driving_parameters"]["weather"] = "sunny"
+        r["driving_parameters"]["visibility"] = "perfect"
+        r["extra"] = 1
+
+    error = assert_one_line_error(answer(broken))
+    assert "(+2 more)" in error
+
+
+# --- JSON Schema --------------------------------------------------------------------------
+
+
+def _resolve(schema: dict, node: dict) -> dict:
+    ref = node.get("$ref")
+    if ref is None:
+        return node
+    assert ref.startswith("#/$defs/"), ref
+    return schema["$defs"][ref.removeprefix("#/$defs/")]
+
+
+def test_json_schema_structure_matches_the_pydantic_model():
+    schema = json_schema()
+    json.dumps(schema)  # plain JSON
+    assert schema["type"] == "object"
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == set(Report.model_fields)
+    assert schema["properties"]["schema_version"]["const"] == s.SCHEMA_VERSION
+    assert schema["properties"]["hazards"]["maxItems"] == s.MAX_HAZARDS
+    assert schema["properties"]["scene_description"]["maxLength"] == s.MAX_SCENE_CHARS
+    assert str(s.SCHEMA_VERSION) in schema["$id"]
+
+    params = _resolve(schema, schema["properties"]["driving_parameters"])
+    assert params["additionalProperties"] is False
+    assert set(params["required"]) == set(DrivingParameters.model_fields)
+    assert set(params["properties"]) == set(PARAM_ENUMS) | {"lane_count", "pedestrian_on_road"}
+    for name, enum in PARAM_ENUMS.items():
+        node = _resolve(schema, params["properties"][name])
+        assert node["enum"] == [m.value for m in enum], name
+    lanes = params["properties"]["lane_count"]
+    assert (lanes["type"], lanes["minimum"], lanes["maximum"]) == ("integer", 0, s.MAX_LANES)
+    assert params["properties"]["pedestrian_on_road"]["type"] == "boolean"
+
+    hazard = _resolve(schema, schema["properties"]["hazards"]["items"])
+    assert hazard["additionalProperties"] is False
+    assert _resolve(schema, hazard["properties"]["kind"])["enum"] == [m.value for m in s.HazardKind]
+
+
+def test_every_pydantic_enum_is_in_the_json_schema():
+    schema = json_schema()
+    enums = {json.dumps(node["enum"]) for node in schema["$defs"].values() if "enum" in node}
+    for enum in [*PARAM_ENUMS.values(), s.HazardKind]:
+        assert json.dumps([m.value for m in enum]) in enums, enum.__name__
+
+
+_JSONSCHEMA_CHECK = """
+import json, sys
+import jsonschema
+schema, good, bad = json.load(sys.stdin)
+jsonschema.Draft202012Validator.check_schema(schema)
+validator = jsonschema.Draft202012Validator(schema)
+print(json.dumps([validator.is_valid(good), [validator.is_valid(b) for b in bad]]))
+"""
+
+
+def _python_with_jsonschema() -> str | None:
+    for python in (sys.executable, shutil.which("python3")):
+        probe = [python, "-c", "import jsonschema"] if python else None
+        if probe and subprocess.run(probe, capture_output=True).returncode == 0:
+            return python
+    return None
+
+
+def test_json_schema_is_valid_and_agrees_with_the_parser():
+    python = _python_with_jsonschema()
+    if python is None:
+        pytest.skip("jsonschema is not installed (structure is checked above)")
+    bad = [
+        json.loads(answer(_set_param("weather", "sunny"))),
+        json.loads(answer(_set_param("lane_count", s.MAX_LANES + 1))),
+        json.loads(answer(lambda r: r.update(extra=1))),
+        json.loads(answer(_del("risk_assessment"))),
+        json.loads(answer(lambda r: r.update(schema_version=2))),
+        json.loads(answer(lambda r: r.update(hazards=[r["hazards"][0]] * (s.MAX_HAZARDS + 1)))),
+    ]
+    for report in bad:  # the parser refuses each of them too
+        assert not parse_report(json.dumps(report), frames=FRAMES).valid
+    out = subprocess.run(
+        [python, "-c", _JSONSCHEMA_CHECK],
+        input=json.dumps([json_schema(), valid_report(), bad]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    good_ok, bad_ok = json.loads(out.stdout)
+    assert good_ok is True
+    assert bad_ok == [False] * len(bad)
+
+
+def test_models_schema_cli_prints_the_json_schema():
+    out = subprocess.run(
+        [sys.executable, "-m", "models", "schema"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == json_schema()
+
+
+# --- prompt -------------------------------------------------------------------------------
+
+
+def test_instruction_names_every_key_and_every_enum_value():
+    text = instruction(FRAMES)
+    for key in DrivingParameters.model_fields:
+        assert f'"{key}":' in text, key
+    for key, enum in PARAM_ENUMS.items():
+        # Each key is followed by exactly its enum's choices, in order.
+        assert f'"{key}": {"|".join(m.value for m in enum)}' in text, key
+    assert f'"kind": {"|".join(m.value for m in s.HazardKind)}' in text
+    for key in Report.model_fields:
+        assert f'"{key}"' in text, key
+    assert f"integer 0-{s.MAX_LANES}" in text
+    assert f"0-{FRAMES - 1}" in text
+    assert f"at most {s.MAX_HAZARDS}" in text
+
+
+def test_instruction_follows_the_number_of_frames():
+    assert "The 12 images above are frames 0 to 11" in instruction(12)
+    assert "index 0-11" in instruction(12)
+    assert "index 0-11" not in instruction(FRAMES)
+
+
+@pytest.mark.parametrize("timestamps", [[0.0], [0.5, 1.5, 2.5], [i * 0.25 for i in range(12)]])
+def test_build_messages_has_one_image_per_timestamp(timestamps):
+    messages = build_messages(timestamps)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[0]["content"] == [{"type": "text", "text": SYSTEM}]
+    content = messages[1]["content"]
+    images = [i for i, part in enumerate(content) if part["type"] == "image"]
+    assert len(images) == len(timestamps)
+    # Each image is preceded by its label (index and time); the instruction comes last.
+    for n, (i, t) in enumerate(zip(images, timestamps, strict=True)):
+        assert content[i - 1] == {"type": "text", "text": f"Frame {n} (t={t:.1f} s):"}
+    assert content[-1] == {"type": "text", "text": instruction(len(timestamps))}
+    json.dumps(messages)  # plain data, safe to send to a processor or log
