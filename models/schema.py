@@ -186,11 +186,13 @@ def _json_object(text: str) -> str:
 def parse_report(text: str, *, frames: int) -> Parsed:
     """Validate a model answer; never raises. `frames` bounds each hazard's frame index."""
     try:
-        data = json.loads(_json_object(text))
+        body = _json_object(text)
+        json.loads(body)  # a syntax error gets json's message, with its position
     except ValueError as e:  # JSONDecodeError is a ValueError
         return Parsed(None, f"not JSON: {e}")
     try:
-        report = Report.model_validate(data)
+        # strict: "4" is not a lane count and "yes" is not a boolean, as the schema says
+        report = Report.model_validate_json(body, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "report"

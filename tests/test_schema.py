@@ -383,3 +383,19 @@ def test_build_messages_has_one_image_per_timestamp(timestamps):
         assert content[i - 1] == {"type": "text", "text": f"Frame {n} (t={t:.1f} s):"}
     assert content[-1] == {"type": "text", "text": instruction(len(timestamps))}
     json.dumps(messages)  # plain data, safe to send to a processor or log
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("driving_parameters", "lane_count"), "4"),
+        (("driving_parameters", "pedestrian_on_road"), "yes"),
+    ],
+)
+def test_seed_style_loose_types_are_not_schema_v1(path, value):
+    """The seed's labels mix types; a v1 report must hold the one declared type."""
+    data = valid_report()
+    data[path[0]][path[1]] = value
+    parsed = parse_report(json.dumps(data), frames=8)
+    assert not parsed.valid
+    assert path[1] in parsed.error
