@@ -196,13 +196,7 @@ def record_report(*, session: Session, new: NewReport) -> tuple[Report, bool]:
     Idempotent: if a report with the same (video, model, adapter, prompt_version) exists
     (a redelivered task), nothing is written and (existing, False) is returned.
     """
-    existing = find_report(
-        session=session,
-        video_id=new.video_id,
-        model=new.model,
-        adapter=new.adapter,
-        prompt_version=new.prompt_version,
-    )
+    existing = _same_key(session, new)
     if existing is not None:
         _finish(session, new.video_id, VideoState.DONE, None)
         return existing, False
@@ -241,19 +235,23 @@ def record_report(*, session: Session, new: NewReport) -> tuple[Report, bool]:
             session.add(report)
     except IntegrityError:
         # Another delivery of the same task committed first: keep its report.
-        existing = find_report(
-            session=session,
-            video_id=new.video_id,
-            model=new.model,
-            adapter=new.adapter,
-            prompt_version=new.prompt_version,
-        )
+        existing = _same_key(session, new)
         if existing is None:
             raise
         _finish(session, new.video_id, VideoState.DONE, None)
         return existing, False
     _finish(session, new.video_id, VideoState.DONE, None)
     return report, True
+
+
+def _same_key(session: Session, new: NewReport) -> Report | None:
+    return find_report(
+        session=session,
+        video_id=new.video_id,
+        model=new.model,
+        adapter=new.adapter,
+        prompt_version=new.prompt_version,
+    )
 
 
 def record_failure(*, session: Session, video_id: int, reason: str) -> None:
