@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -86,8 +87,6 @@ def inspect_file(path: str, settings: Settings) -> Inspected:
 
 
 def _size(path: str) -> int:
-    import os
-
     try:
         return os.path.getsize(path)
     except FileNotFoundError:

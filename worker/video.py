@@ -214,24 +214,19 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     size = _check_file(path)
     with _open(path) as container:
         stream = _video_stream(container)
-        codec = stream.codec_context.name
         first = _first_frame(container, stream)
         width, height = first.width, first.height
         if not width or not height:
             raise VideoError("the video stream has no picture size")
         if max(width, height) > MAX_SIDE:
             raise VideoError(f"resolution {width}x{height} is larger than {MAX_SIDE} px a side")
-        rotation = _rotation(first)
-        if rotation % 180:
-            width, height = height, width
         duration = _header_duration(container, stream)
         frame_count = stream.frames or None
         if duration is None or not frame_count:
             # no frame count in the headers (matroska never has one): demux to count, which
             # also shows where the packets really end
-            last, packets = _measure(path, stream.index)
+            end, packets = _measured(path, stream)
             frame_count = frame_count or packets or None
-            end = None if last is None else max(0.0, last - _stream_start(stream))
             if duration is None:
                 duration = end
             elif duration > 1.0 and end is not None and end < duration * 0.5:
@@ -240,18 +235,30 @@ def probe(path: str | os.PathLike) -> VideoInfo:
                 )
         elif duration > 1.0:
             _check_tail(container, stream, duration)
-        return VideoInfo(
-            path=path,
-            bytes=size,
-            duration=duration,
-            codec=codec,
-            container=container.format.name,
-            width=width,
-            height=height,
-            fps=_fps(stream),
-            rotation=rotation,
-            frame_count=frame_count,
-        )
+        return _info(path, size, container, stream, first, duration, frame_count)
+
+
+def _measured(path: str, stream) -> tuple[float | None, int]:
+    """(duration from the packets, packet count), demuxing a fresh open of the file."""
+    last, packets = _measure(path, stream.index)
+    return (None if last is None else max(0.0, last - _stream_start(stream))), packets
+
+
+def _info(path, size, container, stream, first, duration, frame_count=None) -> VideoInfo:
+    """What a video is, as displayed: width and height swapped for a quarter-turned picture."""
+    turned = _rotation(first) % 180 != 0
+    return VideoInfo(
+        path=path,
+        bytes=size,
+        duration=duration,
+        codec=stream.codec_context.name,
+        container=container.format.name,
+        width=first.height if turned else first.width,
+        height=first.width if turned else first.height,
+        fps=_fps(stream),
+        rotation=_rotation(first),
+        frame_count=frame_count,
+    )
 
 
 def _check_tail(container, stream, duration: float) -> None:
@@ -305,8 +312,7 @@ def sample_frames(path: str | os.PathLike, k: int, *, max_side: int = 640) -> Sa
         duration = _header_duration(container, stream)
         packets = None
         if duration is None:
-            last, packets = _measure(path, stream.index)
-            duration = max(0.0, last - start) if last is not None else None
+            duration, packets = _measured(path, stream)
         if duration is None:
             # no timestamps at all (a raw elementary stream): pick by frame index instead
             picked = _by_index(container, stream, packets or 0, k)
@@ -315,20 +321,7 @@ def sample_frames(path: str | os.PathLike, k: int, *, max_side: int = 640) -> Sa
         if not picked:
             raise VideoError("no decodable video frame (truncated or corrupt)")
         frames = [_to_rgb(f, max_side) for _, f in picked]
-        first = picked[0][1]
-        rotation = _rotation(first)
-        turned = rotation % 180 != 0
-        info = VideoInfo(
-            path=path,
-            bytes=size,
-            duration=duration,
-            codec=stream.codec_context.name,
-            container=container.format.name,
-            width=first.height if turned else first.width,
-            height=first.width if turned else first.height,
-            fps=_fps(stream),
-            rotation=rotation,
-        )
+        info = _info(path, size, container, stream, picked[0][1], duration)
         return SampledVideo(info, frames, [round(t - start, 3) for t, _ in picked])
 
 
