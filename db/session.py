@@ -33,8 +33,11 @@ def make_engine(url: str, **kwargs) -> Engine:
 
 def _sqlite_begin(conn) -> None:
     # pysqlite would only BEGIN before the first write, so a SAVEPOINT could open (and its
-    # RELEASE commit) the transaction by itself; SQLAlchemy's documented fix.
-    conn.exec_driver_sql("BEGIN")
+    # RELEASE commit) the transaction by itself; SQLAlchemy's documented fix. IMMEDIATE
+    # takes the write lock up front: a read transaction that later writes cannot wait for
+    # the lock (SQLite answers "database is locked" at once, busy_timeout or not), and a
+    # worker's task threads write concurrently. Transactions here are short.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
