@@ -43,10 +43,12 @@ class LoadedModel:
     compute_dtype: Any
 
 
-def compute_dtype(quant: Quant, device: str):
+def compute_dtype(quant: Quant, device: str, override: str | None = None):
     """The dtype the matmuls run in: bf16 where the GPU has it (not on a T4), else fp16."""
     import torch
 
+    if override:  # e.g. "float16": T4 behaviour on a newer GPU (benchmarks)
+        return getattr(torch, override)
     if quant == Quant.FP32 or device == "cpu":
         return torch.float32
     if quant == Quant.FP16:
@@ -62,6 +64,7 @@ def load_describer(
     quant: Quant | str = Quant.NF4,
     adapter: str | None = None,
     device: str | None = None,
+    compute: str | None = None,
 ) -> LoadedModel:
     """Load base model + processor (+ LoRA adapter) once; ModelLoadError says what is wrong."""
     import torch
@@ -69,6 +72,9 @@ def load_describer(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # Batches of varying shape fragment the CUDA caching allocator; expandable segments let
+    # freed blocks merge. Read when CUDA first allocates, which is below.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     quant = Quant(quant)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quant == Quant.NF4 and not device.startswith("cuda"):
@@ -77,7 +83,7 @@ def load_describer(
             "set FLEETSCRIBE_QUANT=fp32 to run on the CPU"
         )
     check_source(model)
-    dtype = compute_dtype(quant, device)
+    dtype = compute_dtype(quant, device, compute)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quant == Quant.NF4:
         from transformers import BitsAndBytesConfig

@@ -1,24 +1,43 @@
 """The describe engine: sampled videos in, model answers out, batched on one device.
 
-One Engine per worker process, made after any fork (see worker/app.py), never per task.
+Work is split in two so the GPU never waits on the CPU:
+- `prepare` (any thread, CPU only): chat template, tokenisation and image preprocessing
+  of one video into CPU tensors. Celery task threads or the benchmark's feeders run it
+  while the device is busy with the previous batch.
+- `generate` (the device thread): pads prepared videos into batches (left padding, one
+  static KV cache), runs greedy `generate`, and cuts each row at its own stop token.
+  The batch is bounded by `batch_size` and by what the GPU memory (and an optional cap)
+  holds; a CUDA out-of-memory error halves the batch and retries instead of failing it.
+
+One Engine per worker process, never per task (see worker/app.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.loader import LoadedModel, load_describer
 from models.prompt import PROMPT_VERSION, build_messages
+from worker.errors import EngineError
 from worker.settings import Settings
 
 if TYPE_CHECKING:  # PyAV is not needed to run the model
     from worker.video import SampledVideo
 
 log = logging.getLogger(__name__)
+
+# Token-level tensors that are padded on the left; everything else is concatenated.
+_PADDED = ("input_ids", "attention_mask", "mm_token_type_ids")
+# Memory kept free for the allocator's fragmentation and CUDA's own needs.
+_HEADROOM = 0.85
+# Prompt lengths are padded up to a multiple of this, so the static cache and any compiled
+# graphs see a handful of shapes instead of one per batch.
+_PAD_MULTIPLE = 64
 
 
 @dataclass
@@ -29,17 +48,50 @@ class Answer:
     tokens_in: int
     tokens_out: int
     latency_s: float
+    batch_size: int = 1
+
+
+@dataclass
+class Prepared:
+    """One video's model inputs on the CPU, ready to be padded into a batch."""
+
+    tensors: dict[str, Any]  # input_ids etc. of shape (1, n); pixel_values; image_grid_thw
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tensors["input_ids"].shape[1])
 
 
 class Engine:
     """Holds the loaded model; `describe` runs a list of videos in batches."""
 
-    def __init__(self, loaded: LoadedModel, *, max_new_tokens: int, batch_size: int):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_new_tokens: int,
+        batch_size: int,
+        memory_gib: float = 0.0,
+        static_cache: bool | None = None,
+        compile: bool = False,
+        min_new_tokens: int = 0,
+    ):
         self.loaded = loaded
         self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens  # benchmarks force a fixed answer length
         self.batch_size = batch_size
         self.prompt_version = PROMPT_VERSION
+        self.on_cuda = loaded.device.startswith("cuda")
+        # A static cache is allocated once per batch shape instead of growing by a concat at
+        # every step; on the CPU the dynamic cache is as fast and uses less memory.
+        self.static_cache = self.on_cuda if static_cache is None else static_cache
+        self.compile = compile
         self._lock = threading.Lock()  # one generate at a time on the device
+        self._bytes_per_token: float | None = None  # measured after each batch
+        self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
+        self._memory_cap = _apply_memory_cap(loaded.device, memory_gib) if self.on_cuda else 0
+        if compile and loaded.quant == "nf4":
+            log.warning("transformers does not compile bitsandbytes models; running uncompiled")
 
     @property
     def model_id(self) -> str:
@@ -52,51 +104,187 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
         loaded = load_describer(settings.model, quant=settings.quant, adapter=settings.adapter)
-        return cls(loaded, max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+        return cls(
+            loaded,
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            memory_gib=settings.gpu_memory_gib,
+            compile=settings.compile,
+            min_new_tokens=settings.min_new_tokens,
+        )
 
-    def describe(self, videos: list[SampledVideo]) -> list[Answer]:
-        """One answer per video, in order."""
-        answers: list[Answer] = []
-        for start in range(0, len(videos), self.batch_size):
-            answers += self._generate(videos[start : start + self.batch_size])
-        return answers
+    # -- CPU side -------------------------------------------------------------------------
 
-    def _generate(self, videos: list[SampledVideo]) -> list[Answer]:
+    def prepare(self, video: SampledVideo) -> Prepared:
+        """Tokenise and preprocess one video's frames (CPU only; safe from any thread)."""
+        processor = self.loaded.processor
+        text = processor.apply_chat_template(
+            build_messages(video.timestamps), tokenize=False, add_generation_prompt=True
+        )
+        inputs = processor(text=[text], images=list(video.frames), return_tensors="pt")
+        return Prepared(dict(inputs))
+
+    def collate(self, batch: list[Prepared]) -> dict[str, Any]:
+        """Left-pad token tensors to one length; concatenate the frames' pixel tensors."""
         import torch
 
-        processor = self.loaded.processor
-        began = time.perf_counter()
-        texts = [
-            processor.apply_chat_template(
-                build_messages(v.timestamps), tokenize=False, add_generation_prompt=True
+        pad_id = self.loaded.processor.tokenizer.pad_token_id
+        width = max(p.tokens for p in batch)
+        if self.static_cache:
+            width = math.ceil(width / _PAD_MULTIPLE) * _PAD_MULTIPLE
+        out: dict[str, Any] = {}
+        for key in batch[0].tensors:
+            parts = [p.tensors[key] for p in batch]
+            if key in _PADDED:
+                fill = pad_id if key == "input_ids" else 0
+                rows = [
+                    torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in parts
+                ]
+                out[key] = torch.cat(rows)
+            else:
+                out[key] = torch.cat(parts)
+        return out
+
+    # -- device side ----------------------------------------------------------------------
+
+    def describe(self, videos: list[SampledVideo]) -> list[Answer]:
+        """One answer per video, in order (prepares on this thread, then generates)."""
+        return self.generate([self.prepare(v) for v in videos])
+
+    def generate(self, prepared: list[Prepared]) -> list[Answer]:
+        """Answers for prepared videos, in order, in as few batches as memory allows."""
+        answers: list[Answer] = []
+        start = 0
+        while start < len(prepared):
+            size = self.batch_limit(max(p.tokens for p in prepared[start:]))
+            answers += self._generate_or_split(prepared[start : start + size])
+            start += size
+        return answers
+
+    def batch_limit(self, tokens: int) -> int:
+        """How many videos of about `tokens` prompt tokens one batch may hold."""
+        limit = min(self.batch_size, self._oom_limit or self.batch_size)
+        if not self.on_cuda:
+            return limit
+        import torch
+
+        device = self.loaded.device
+        free, _ = torch.cuda.mem_get_info(device)
+        usable = free + torch.cuda.memory_reserved(device)  # the allocator's cache is reusable
+        if self._memory_cap:
+            usable = min(usable, self._memory_cap)
+        budget = usable * _HEADROOM - torch.cuda.memory_allocated(device)
+        per_token = self._bytes_per_token or _estimated_bytes_per_token(self.loaded)
+        per_video = per_token * (tokens + self.max_new_tokens)
+        return max(1, min(limit, int(budget // per_video)))
+
+    def _generate_or_split(self, batch: list[Prepared]) -> list[Answer]:
+        import torch
+
+        try:
+            return self._generate(batch)
+        except torch.OutOfMemoryError:
+            pass
+        # Retry only out here: inside the except block the traceback still holds the failed
+        # batch's activations and KV cache, so every retry would run out of memory too.
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            raise EngineError(
+                f"out of GPU memory for a single video ({batch[0].tokens} prompt tokens)"
             )
-            for v in videos
-        ]
-        images = [frame for v in videos for frame in v.frames]
-        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.loaded.device)
+        half = len(batch) // 2
+        self._oom_limit = min(half, self._oom_limit or half)
+        log.warning("out of GPU memory at batch %d; now at most %d", len(batch), half)
+        answers: list[Answer] = []
+        while len(answers) < len(batch):  # the limit may drop again on the way
+            start = len(answers)
+            answers += self._generate_or_split(batch[start : start + self._oom_limit])
+        return answers
+
+    def _generate(self, batch: list[Prepared]) -> list[Answer]:
+        import torch
+
+        began = time.perf_counter()
+        inputs = self.collate(batch)
+        device = self.loaded.device
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.compute_dtype)
         prompt_len = inputs["input_ids"].shape[1]
+        options: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens or None,
+            "do_sample": False,
+        }
+        if self.static_cache:
+            options["cache_implementation"] = "static"
+        if not self.compile:
+            options["disable_compile"] = True
         with self._lock, torch.inference_mode():
-            out = self.loaded.model.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False
-            )
-        new = out[:, prompt_len:].cpu()
-        stop_ids = set(_as_list(self.loaded.model.generation_config.eos_token_id))
-        pad_id = processor.tokenizer.pad_token_id
+            if self.on_cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+            out = self.loaded.model.generate(**inputs, **options)
+            new = out[:, prompt_len:].cpu()
+            if self.on_cuda:
+                self._learn_memory(base, len(batch), prompt_len)
         elapsed = time.perf_counter() - began
+        log.info("batch of %d x %d tokens in %.2f s", len(batch), prompt_len, elapsed)
+        return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
+
+    def _learn_memory(self, base: int, rows: int, prompt_len: int) -> None:
+        """Remember the peak bytes a batch used per token, to size the next batches."""
+        import torch
+
+        peak = torch.cuda.max_memory_allocated(self.loaded.device) - base
+        per_token = peak / (rows * (prompt_len + self.max_new_tokens))
+        self._bytes_per_token = max(per_token, self._bytes_per_token or 0.0)
+        log.info("batch of %d: peak %.2f GiB above the weights", rows, peak / 2**30)
+
+    def _decode(self, new, prompt_tokens: list[int], elapsed: float) -> list[Answer]:
+        tokenizer = self.loaded.processor.tokenizer
+        stop_ids = set(_as_list(self.loaded.model.generation_config.eos_token_id))
+        pad_id = tokenizer.pad_token_id
         answers = []
-        for row, mask in zip(new.tolist(), inputs["attention_mask"].cpu(), strict=True):
+        for row, tokens_in in zip(new.tolist(), prompt_tokens, strict=True):
             kept = []
             for token in row:
                 if token in stop_ids:
                     break
                 kept.append(token)
-            tokens_out = len(kept) + (1 if len(kept) < len(row) and row[len(kept)] != pad_id else 0)
-            text = processor.tokenizer.decode(kept, skip_special_tokens=True)
-            answers.append(Answer(text, int(mask.sum()), tokens_out, elapsed))
+            stopped = len(kept) < len(row) and row[len(kept)] != pad_id
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            answers.append(
+                Answer(text, int(tokens_in), len(kept) + int(stopped), elapsed, len(new))
+            )
         return answers
+
+
+def _estimated_bytes_per_token(loaded: LoadedModel) -> float:
+    """Before the first batch is measured: KV cache plus prefill activations, per token."""
+    import torch
+
+    text = loaded.model.config.get_text_config()
+    size = torch.finfo(loaded.compute_dtype).bits // 8
+    head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * size
+    activations = 2 * (3 * text.intermediate_size + 8 * text.hidden_size) * size
+    return float(kv + activations)
+
+
+def _apply_memory_cap(device: str, memory_gib: float) -> int:
+    """Cap this process's CUDA allocations (FLEETSCRIBE_GPU_MEMORY_GIB); 0 means the card."""
+    if not memory_gib:
+        return 0
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    total = torch.cuda.get_device_properties(index).total_memory
+    cap = int(memory_gib * 2**30)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
+    return min(cap, total)
 
 
 def _as_list(value) -> list[int]:

@@ -11,3 +11,7 @@ class VideoError(WorkerError):
 
 class PathNotAllowed(VideoError):
     """A path lies outside FLEETSCRIBE_VIDEO_ROOTS."""
+
+
+class EngineError(WorkerError):
+    """The model could not describe a video (it does not fit in GPU memory even alone)."""

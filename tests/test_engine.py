@@ -1,0 +1,164 @@
+"""The batched engine on the tiny model in float32: batching never changes an answer."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from models.loader import load_describer
+from models.prompt import build_messages
+from worker.batcher import Batcher
+from worker.engine import Engine, Prepared
+from worker.errors import EngineError
+
+
+@dataclass
+class Frames:  # the part of worker.video.SampledVideo the engine reads
+    frames: list
+    timestamps: list
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_describer(str(tiny_model), quant="fp32")
+
+
+def _videos(count: int, seed: int) -> list[Frames]:
+    """Videos that differ in frame count, frame size and timestamps, so prompts differ."""
+    rng = np.random.default_rng(seed)
+    videos = []
+    for _ in range(count):
+        n = int(rng.integers(1, 6))
+        h, w = int(rng.integers(32, 160)), int(rng.integers(32, 200))
+        frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+        start = float(rng.uniform(0, 30))
+        videos.append(Frames(frames, [round(start + 0.7 * i, 2) for i in range(n)]))
+    return videos
+
+
+@pytest.fixture(scope="module")
+def videos() -> list[Frames]:
+    return _videos(20, seed=7)
+
+
+@pytest.fixture(scope="module")
+def single(loaded, videos):
+    """Each video's answer when it runs alone: the reference every batched run must match."""
+    engine = Engine(loaded, max_new_tokens=10, batch_size=1)
+    return [engine.describe([v])[0] for v in videos]
+
+
+def _same(answers, reference) -> None:
+    assert [a.text for a in answers] == [r.text for r in reference]
+    assert [a.tokens_out for a in answers] == [r.tokens_out for r in reference]
+    assert [a.tokens_in for a in answers] == [r.tokens_in for r in reference]
+
+
+@pytest.mark.parametrize("batch_size", [3, 8, 20])
+def test_batched_greedy_equals_one_at_a_time_for_every_video(loaded, videos, single, batch_size):
+    engine = Engine(loaded, max_new_tokens=10, batch_size=batch_size)
+    answers = engine.describe(videos)
+    _same(answers, single)
+    assert max(a.batch_size for a in answers) == batch_size
+
+
+def test_static_cache_and_padded_prompts_change_nothing(loaded, videos, single):
+    # The GPU path: one static KV cache and prompts padded up to a multiple of 64 tokens.
+    engine = Engine(loaded, max_new_tokens=10, batch_size=6, static_cache=True)
+    _same(engine.describe(videos), single)
+
+
+def test_collate_builds_what_the_processor_builds_for_the_batch(loaded, videos):
+    engine = Engine(loaded, max_new_tokens=4, batch_size=8)
+    batch = videos[:5]
+    collated = engine.collate([engine.prepare(v) for v in batch])
+    processor = loaded.processor
+    texts = [
+        processor.apply_chat_template(
+            build_messages(v.timestamps), tokenize=False, add_generation_prompt=True
+        )
+        for v in batch
+    ]
+    images = [frame for v in batch for frame in v.frames]
+    expected = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    assert set(collated) == set(expected)
+    assert "mm_token_type_ids" in collated
+    for key, value in expected.items():
+        assert torch.equal(collated[key], value), key
+
+
+class OutOfMemoryAbove(Engine):
+    """An engine whose device 'runs out of memory' for batches larger than `fits`."""
+
+    def __init__(self, *args, fits: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fits = fits
+        self.tried: list[int] = []
+
+    def _generate(self, batch):
+        # A retry inside the except block would keep the failed batch's memory alive.
+        assert sys.exc_info()[0] is None, "retried while the OOM exception was alive"
+        self.tried.append(len(batch))
+        if len(batch) > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return super()._generate(batch)
+
+
+def test_out_of_memory_splits_the_batch_and_keeps_every_answer(loaded, videos, single):
+    engine = OutOfMemoryAbove(loaded, max_new_tokens=10, batch_size=8, fits=3)
+    answers = engine.describe(videos)
+    _same(answers, single)
+    assert engine.tried[:3] == [8, 4, 2]  # halved until it fits
+    # The rest, and later batches, run at the size that fitted rather than failing again.
+    assert max(engine.tried[3:]) == 2
+    assert engine.batch_limit(100) == 2
+
+
+def test_a_single_video_that_does_not_fit_is_a_clear_error(loaded, videos):
+    engine = OutOfMemoryAbove(loaded, max_new_tokens=4, batch_size=4, fits=0)
+    with pytest.raises(EngineError, match="out of GPU memory for a single video"):
+        engine.describe(videos[:2])
+
+
+def test_batcher_gathers_many_threads_into_batches(loaded, videos, single):
+    engine = Engine(loaded, max_new_tokens=10, batch_size=8)
+    batcher = Batcher(engine, wait_s=0.5)
+    results: dict[int, object] = {}
+    start = threading.Barrier(len(videos))
+
+    def task(i: int) -> None:
+        prepared = engine.prepare(videos[i])
+        start.wait()
+        results[i] = batcher.describe(prepared, timeout=120)
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(len(videos))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    _same([results[i] for i in range(len(videos))], single)
+    assert batcher.stats.videos == len(videos)
+    assert max(batcher.stats.sizes) == 8  # it batched across threads, up to the limit
+    assert batcher.stats.batches < len(videos)
+
+
+def test_one_broken_input_fails_alone_and_the_batcher_lives_on(loaded, videos, single):
+    engine = Engine(loaded, max_new_tokens=10, batch_size=4)
+    batcher = Batcher(engine, wait_s=0.5)
+    good = [engine.prepare(v) for v in videos[:3]]
+    broken = Prepared(dict(good[0].tensors))
+    broken.tensors["pixel_values"] = broken.tensors["pixel_values"][:5]  # not its grid's size
+    futures = [batcher.submit(p) for p in [good[0], broken, good[1], good[2]]]
+    with pytest.raises(Exception) as caught:
+        futures[1].result(timeout=120)
+    assert not isinstance(caught.value, TimeoutError)
+    _same([futures[i].result(timeout=120) for i in (0, 2, 3)], single[:3])
+    # The GPU thread survived: a later video is still answered.
+    _same([batcher.describe(engine.prepare(videos[3]), timeout=120)], [single[3]])
+    batcher.close()

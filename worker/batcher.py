@@ -1,0 +1,128 @@
+"""Cross-task batching: many task threads submit one video each, one thread drives the GPU.
+
+A Celery worker runs the `threads` pool with twice `batch_size` slots. Each slot takes one
+message, samples and prepares its video on the CPU, then `submit`s it here and waits. The
+device thread takes whatever is queued (up to the engine's batch limit), waits at most
+`wait_s` for a partial batch to fill, runs it, and hands every slot its own answer or
+exception. While one batch is on the GPU the other half of the slots prepare the next, so
+a worker with a full queue keeps the GPU busy, and every message keeps its own late ack,
+retry and failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from worker.engine import Answer, Engine, Prepared
+
+log = logging.getLogger(__name__)
+
+_MAX_WAITS = 40  # a partial batch waits at most this many idle intervals (2 s at 50 ms)
+
+
+@dataclass
+class BatcherStats:
+    batches: int = 0
+    videos: int = 0
+    busy_s: float = 0.0
+    cpu_s: float = 0.0  # CPU time of the GPU thread itself (Python driving the kernels)
+    sizes: list[int] = field(default_factory=list)
+
+
+class Batcher:
+    """Feeds an Engine from many threads; `submit` returns a Future of the video's Answer."""
+
+    def __init__(self, engine: Engine, *, wait_s: float = 0.05):
+        self.engine = engine
+        self.wait_s = wait_s
+        self.stats = BatcherStats()
+        self._queue: queue.Queue[tuple[Prepared, Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="fleetscribe-gpu", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def submit(self, prepared: Prepared) -> Future[Answer]:
+        future: Future[Answer] = Future()
+        if self._closed:
+            future.set_exception(RuntimeError("the batcher is closed"))
+        else:
+            self._queue.put((prepared, future))
+        return future
+
+    def describe(self, prepared: Prepared, timeout: float | None = None) -> Answer:
+        """Submit one video and wait for its answer."""
+        return self.submit(prepared).result(timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._serve(batch)
+
+    def _take(self) -> list[tuple[Prepared, Future]] | None:
+        """Block for one video, then gather more up to the batch limit.
+
+        Decoding costs about the same per step for 2 rows as for 64, so a fuller batch is
+        nearly free: keep gathering while videos keep arriving (each resets a `wait_s`
+        idle timer), but never past `_MAX_WAITS` x `wait_s` in all.
+        """
+        first = self._queue.get()
+        if first is None:
+            return None
+        batch = [first]
+        limit = self.engine.batch_limit(first[0].tokens)
+        now = time.monotonic()
+        idle_deadline, final_deadline = now + self.wait_s, now + _MAX_WAITS * self.wait_s
+        while len(batch) < limit:
+            timeout = min(idle_deadline, final_deadline) - time.monotonic()
+            try:
+                item = self._queue.get(timeout=max(0.0, timeout))
+            except queue.Empty:
+                break
+            idle_deadline = time.monotonic() + self.wait_s
+            if item is None:
+                self._queue.put(None)  # close after this batch
+                break
+            batch.append(item)
+        return batch
+
+    def _serve(self, batch: list[tuple[Prepared, Future]]) -> None:
+        live = [(p, f) for p, f in batch if f.set_running_or_notify_cancel()]
+        if not live:
+            return
+        began, cpu_began = time.perf_counter(), time.thread_time()
+        try:
+            answers = self.engine.generate([p for p, _ in live])
+        except Exception as e:
+            if len(live) == 1:
+                live[0][1].set_exception(e)
+                return
+            # One bad input must not fail its batch-mates: run them one by one.
+            log.warning("batch of %d failed (%s); retrying its videos singly", len(live), e)
+            for item in live:
+                self._serve_one(*item)
+            return
+        for (_, future), answer in zip(live, answers, strict=True):
+            future.set_result(answer)
+        self.stats.batches += 1
+        self.stats.videos += len(live)
+        self.stats.busy_s += time.perf_counter() - began
+        self.stats.cpu_s += time.thread_time() - cpu_began
+        self.stats.sizes.append(len(live))
+
+    def _serve_one(self, prepared: Prepared, future: Future) -> None:
+        try:
+            future.set_result(self.engine.generate([prepared])[0])
+        except Exception as e:  # the waiting task records it; this thread lives on
+            future.set_exception(e)
