@@ -45,7 +45,7 @@ demo: install
 	cp $(DEMO)/videos/$$(ls $(DEMO)/videos | head -n 1) $(DEMO)/videos/same_video_other_name.mp4
 	echo "this is not a video" > $(DEMO)/videos/notes.mp4
 	: > $(DEMO)/videos/empty.mkv
-	$(PY) -m worker --concurrency 1 --loglevel WARNING & worker=$$!
+	$(PY) -m worker --loglevel WARNING & worker=$$!
 	trap 'kill $$worker 2>/dev/null || true; wait $$worker 2>/dev/null || true' EXIT
 	$(PY) -m producer enqueue $(DEMO)/videos --wait
 	$(PY) -m producer status

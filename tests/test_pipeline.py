@@ -46,11 +46,13 @@ def _env(home: Path, broker: str, database: str, model: Path) -> dict[str, str]:
 
 
 @contextmanager
-def running_worker(env: dict[str, str], log: Path, concurrency: int = 1):
+def running_worker(env: dict[str, str], log: Path, concurrency: int | None = None):
     """A real `python -m worker` process, stopped with SIGTERM (warm shutdown) afterwards."""
+    cmd = [sys.executable, "-m", "worker"]
+    cmd += [f"--concurrency={concurrency}"] if concurrency else []
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", f"--concurrency={concurrency}"],
+            cmd,
             cwd=ROOT,
             env=env,
             stdout=out,

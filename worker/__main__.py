@@ -35,9 +35,9 @@ def prepare_store(settings) -> None:
 @click.option(
     "--concurrency",
     "-c",
-    default=1,
-    show_default=True,
-    help="Model processes per GPU (or on the CPU).",
+    type=int,
+    default=None,
+    help="Task slots (threads) per worker; default 2x FLEETSCRIBE_BATCH_SIZE.",
 )
 @click.option("--queues", "-Q", default="describe", show_default=True)
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
@@ -56,7 +56,11 @@ def cli(ctx, gpus, concurrency, queues, loglevel, name) -> None:
         sys.exit(_supervise(gpu_ids, concurrency, queues, loglevel))
     if gpu_ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids[0]
-    _celery_worker(concurrency, queues, loglevel, name or _node_name(gpu_ids))
+    from worker.tasks import warm_up
+
+    warm_up()
+    slots = concurrency or 2 * settings.batch_size
+    _celery_worker(slots, queues, loglevel, name or _node_name(gpu_ids))
 
 
 def _node_name(gpu_ids: list[str]) -> str:
@@ -70,9 +74,9 @@ def _celery_worker(concurrency: int, queues: str, loglevel: str, name: str) -> N
         "worker",
         f"--queues={queues}",
         f"--concurrency={concurrency}",
-        # prefork: hard time limits can kill a stuck task's process; the model is loaded
-        # in each pool process after the fork (worker_process_init), never in the parent.
-        "--pool=prefork",
+        # threads: the slots share this process's one model and GPU thread (worker/batcher.py),
+        # and nothing forks after CUDA is up.
+        "--pool=threads",
         f"--loglevel={loglevel}",
         f"--hostname={name}",
         "--without-mingle",
@@ -81,12 +85,13 @@ def _celery_worker(concurrency: int, queues: str, loglevel: str, name: str) -> N
     app.worker_main(argv)
 
 
-def _supervise(gpu_ids: list[str], concurrency: int, queues: str, loglevel: str) -> int:
+def _supervise(gpu_ids: list[str], concurrency: int | None, queues: str, loglevel: str) -> int:
     """One worker process per GPU; a signal to this process reaches all of them."""
     children = []
     for gpu in gpu_ids:
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-        cmd = [sys.executable, "-m", "worker", f"--gpus={gpu}", f"--concurrency={concurrency}"]
+        cmd = [sys.executable, "-m", "worker", f"--gpus={gpu}"]
+        cmd += [f"--concurrency={concurrency}"] if concurrency else []
         cmd += [f"--queues={queues}", f"--loglevel={loglevel}"]
         children.append(subprocess.Popen(cmd, env=env))
 

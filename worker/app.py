@@ -3,12 +3,13 @@
 Settings that carry the no-loss promise (docs/reliability in README):
 - task_acks_late + task_reject_on_worker_lost: a message is acknowledged only after its
   report is committed; if the worker process dies mid-task the message goes back.
-- worker_prefetch_multiplier=1 with a small fixed prefetch: a GPU worker holds just the
-  next batch, so a dead worker strands little and other workers get the rest.
+- worker_prefetch_multiplier=1 with the threads pool: a GPU worker reserves exactly its
+  slots (2x batch_size: one batch on the GPU, one being prepared), so a dead worker
+  strands little and other workers get the rest.
 - visibility_timeout (Redis) above the hard time limit: an unacknowledged long task is not
   handed to a second worker while the first still runs it.
-- the model is loaded in worker_process_init, i.e. in the pool process after the fork:
-  the parent never touches CUDA, so fork-after-CUDA never happens.
+- the threads pool never forks, so CUDA is initialised once, in the worker's own process,
+  before it consumes (worker/__main__.py), and fork-after-CUDA cannot happen.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from celery import Celery, signals
+from celery import Celery
 from kombu import Exchange, Queue
 
 from worker.settings import Settings, get_settings
@@ -98,14 +99,6 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
-
-
-@signals.worker_process_init.connect
-def _load_model_in_child(**_kwargs) -> None:
-    """Each pool process loads the model once, after the fork, before its first task."""
-    from worker.tasks import warm_up
-
-    warm_up()
 
 
 def hostname() -> str:

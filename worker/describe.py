@@ -12,9 +12,9 @@ from db import store
 from db.models import FINAL_STATES, VideoState
 from db.session import make_engine, make_sessionmaker, session_scope
 from models.schema import SCHEMA_VERSION, parse_report
-from worker.errors import VideoError
+from worker.errors import EngineError, VideoError
 from worker.settings import Settings, get_settings
-from worker.video import check_allowed, sample_frames
+from worker.video import SampledVideo, check_allowed, sample_frames
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     host: str
     _engine: object | None = field(default=None, repr=False)
+    _batcher: object | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls, settings: Settings | None = None) -> Runtime:
@@ -43,6 +44,14 @@ class Runtime:
 
             self._engine = get_engine(self.settings)
         return self._engine
+
+    def batcher(self):
+        """The batcher that gathers this process's tasks into GPU batches (made once)."""
+        if self._batcher is None:
+            from worker.batcher import Batcher
+
+            self._batcher = Batcher(self.engine(), wait_s=self.settings.batch_wait_ms / 1000)
+        return self._batcher
 
     def fail(self, video_id: int, reason: str) -> None:
         with session_scope(self.sessions) as session:
@@ -75,20 +84,18 @@ def describe_video(rt: Runtime, *, video_id: int, path: str, frames: int | None)
         k = frames or video.frames or settings.frames
 
     try:
-        real = check_allowed(path, settings.video_roots)
-        size = os.path.getsize(real) if real.exists() else None
-        if size is None:
-            raise VideoError("the file is gone since it was enqueued")
-        if expected_bytes is not None and size != expected_bytes:
-            raise VideoError(
-                f"the file changed since it was enqueued ({size} bytes, was {expected_bytes})"
-            )
-        sampled = sample_frames(real, k, max_side=settings.frame_max_side)
-    except VideoError as e:
+        sampled = _sample(path, k, expected_bytes, settings)
+        prepared = engine.prepare(sampled)
+        # The GPU thread batches this video with the other tasks' videos.
+        answer = rt.batcher().describe(prepared, timeout=settings.task_soft_time_limit)
+    except (VideoError, EngineError) as e:
         rt.fail(video_id, str(e))
         return VideoState.FAILED.value
+    except TimeoutError:
+        limit = settings.task_soft_time_limit
+        rt.fail(video_id, f"no answer from the model within {limit} s (task soft time limit)")
+        return VideoState.FAILED.value
 
-    answer = engine.describe([sampled])[0]
     parsed = parse_report(answer.text, frames=len(sampled.timestamps))
     new = store.NewReport(
         video_id=video_id,
@@ -113,3 +120,16 @@ def describe_video(rt: Runtime, *, video_id: int, path: str, frames: int | None)
     elif not parsed.valid:
         log.info("video %s: report stored as invalid: %s", video_id, parsed.error)
     return VideoState.DONE.value
+
+
+def _sample(path: str, k: int, expected_bytes: int | None, settings: Settings) -> SampledVideo:
+    """The video's frames, if it is still the allowed, unchanged file that was enqueued."""
+    real = check_allowed(path, settings.video_roots)
+    size = os.path.getsize(real) if real.exists() else None
+    if size is None:
+        raise VideoError("the file is gone since it was enqueued")
+    if expected_bytes is not None and size != expected_bytes:
+        raise VideoError(
+            f"the file changed since it was enqueued ({size} bytes, was {expected_bytes})"
+        )
+    return sample_frames(real, k, max_side=settings.frame_max_side)

@@ -30,7 +30,18 @@ class Settings(BaseSettings):
     frames: int = Field(8, ge=1, le=64)
     frame_max_side: int = Field(640, ge=32, le=4096)
     max_new_tokens: int = Field(512, ge=1, le=8192)
+    # The most videos one generate call holds; the engine goes lower when GPU memory (or
+    # gpu_memory_gib) is short. A worker takes 2x this many messages so that one batch is
+    # prepared on the CPU while the previous one runs on the GPU.
     batch_size: int = Field(8, ge=1, le=512)
+    # How long a partial batch waits for more videos before it runs anyway.
+    batch_wait_ms: int = Field(50, ge=0, le=60_000)
+    # Cap on this process's GPU memory in GiB (0: the whole card), e.g. 15 on a 16 GB T4.
+    gpu_memory_gib: float = Field(0.0, ge=0)
+    # Suppress the stop token until this many new tokens (benchmarks: fixed answer length).
+    min_new_tokens: int = Field(0, ge=0, le=8192)
+    # torch.compile the decoding step (CUDA graphs); the first batch of each shape is slow.
+    compile: bool = False
     video_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     # A task that runs past the soft limit is failed with a reason; past the hard limit

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -23,17 +21,11 @@ def runtime() -> Runtime:
 
 
 def warm_up() -> None:
-    """Load the model now rather than on the first task; stop the worker if it cannot load."""
-    from models.errors import ModelError
+    """Load the model and start the GPU thread before consuming; ModelError stops start-up.
 
-    try:
-        runtime().engine()
-    except ModelError as e:
-        log.critical("stopping the worker: %s", e)
-        # A worker without its model would fail every video it takes; stop consuming
-        # instead and leave the messages queued for a worker that can serve them.
-        os.kill(os.getppid(), signal.SIGTERM)
-        raise
+    A worker without its model would fail every video it takes, so it must not consume.
+    """
+    runtime().batcher()
 
 
 @app.task(name=DESCRIBE_TASK, bind=True, max_retries=8)
