@@ -100,9 +100,20 @@ def build_tiny(
     merge_size: int = 2,
     max_frame_pixels: int = 128 * 128,
     vocab_size: int = 1024,
+    model_vocab_size: int | None = None,
+    vision_intermediate: int | None = None,
+    deepstack_indexes: list[int] | None = None,
+    num_position_embeddings: int = 256,
+    mrope_section: list[int] | None = None,
     seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
-    """Write a randomly initialised Qwen3-VL + processor to `out_dir`; return the path."""
+    """Write a randomly initialised Qwen3-VL + processor to `out_dir`; return the path.
+
+    The tokenizer has `vocab_size` entries; the model's embedding may be larger
+    (`model_vocab_size`, e.g. the real model's 151,936) so its cost is the real one.
+    """
     import torch
     from transformers import (
         GenerationConfig,
@@ -143,7 +154,7 @@ def build_tiny(
     processor.save_pretrained(out)
 
     half = head_dim // 2
-    section = [half - 2 * (half // 4), half // 4, half // 4]
+    section = mrope_section or [half - 2 * (half // 4), half // 4, half // 4]
     config = Qwen3VLConfig(
         text_config={
             "hidden_size": hidden_size,
@@ -152,7 +163,7 @@ def build_tiny(
             "num_attention_heads": num_heads,
             "num_key_value_heads": num_kv_heads,
             "head_dim": head_dim,
-            "vocab_size": len(tok),
+            "vocab_size": model_vocab_size or len(tok),
             "max_position_embeddings": 32768,
             "tie_word_embeddings": True,
             "rope_parameters": {
@@ -168,14 +179,14 @@ def build_tiny(
         vision_config={
             "depth": vision_depth,
             "hidden_size": vision_hidden,
-            "intermediate_size": vision_hidden * 2,
+            "intermediate_size": vision_intermediate or vision_hidden * 2,
             "num_heads": vision_heads,
             "out_hidden_size": hidden_size,
-            "deepstack_visual_indexes": [vision_depth - 1],
+            "deepstack_visual_indexes": deepstack_indexes or [vision_depth - 1],
             "patch_size": patch_size,
             "spatial_merge_size": merge_size,
             "temporal_patch_size": 2,
-            "num_position_embeddings": 256,
+            "num_position_embeddings": num_position_embeddings,
         },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -184,7 +195,8 @@ def build_tiny(
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(config)
+    with torch.device(device):  # a full-size model is initialised on the GPU in seconds
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
@@ -192,3 +204,39 @@ def build_tiny(
     )
     model.save_pretrained(out)
     return out
+
+
+def build_from_shape(
+    out_dir: str | Path, shape_file: str | Path, *, dtype: str = "bfloat16", device: str = "cpu"
+) -> Path:
+    """A random model with a published shape (e.g. Qwen3-VL-4B's), with real frame sizes.
+
+    The tokenizer is the tiny one (no download); the model's vocabulary, layers, vision
+    tower and image preprocessing (16 px patches, 2x2 merge, up to 16 Mpx) are full size.
+    """
+    import json
+
+    shape = json.loads(Path(shape_file).read_text())
+    text, vision = shape["text_config"], shape["vision_config"]
+    return build_tiny(
+        out_dir,
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_layers=text["num_hidden_layers"],
+        num_heads=text["num_attention_heads"],
+        num_kv_heads=text["num_key_value_heads"],
+        head_dim=text["head_dim"],
+        model_vocab_size=text["vocab_size"],
+        mrope_section=text["rope_parameters"]["mrope_section"],
+        vision_depth=vision["depth"],
+        vision_hidden=vision["hidden_size"],
+        vision_intermediate=vision["intermediate_size"],
+        vision_heads=vision["num_heads"],
+        deepstack_indexes=vision["deepstack_visual_indexes"],
+        num_position_embeddings=vision.get("num_position_embeddings", 2304),
+        patch_size=vision["patch_size"],
+        merge_size=vision["spatial_merge_size"],
+        max_frame_pixels=16_777_216,
+        dtype=dtype,
+        device=device,
+    )

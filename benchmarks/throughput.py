@@ -1,0 +1,395 @@
+"""Describe throughput: the seed's way against fleetscribe's engine, side by side, one run.
+
+On a CUDA machine (the numbers in README come from this):
+
+    python benchmarks/throughput.py --out benchmarks/results/throughput_h100
+
+It builds a random model with Qwen3-VL-4B's published shape (benchmarks/shapes/, no
+download), writes real H.264 test clips, samples their frames with the real sampler and
+forces a fixed answer length (--new-tokens). For each setting it runs
+- seed: NF4, one video per `generate` call, default dynamic cache (SEED.md's loop);
+- engine: fleetscribe's engine fed by CPU threads through the worker's batcher, i.e.
+  frames are decoded and preprocessed while the GPU runs the previous batch;
+at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15 GiB).
+`--e2e` adds the same videos through a real Redis and a real `python -m worker`.
+
+On a CPU (a smoke run of the same code): --shape small --quant fp32 --settings cpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SETTINGS = {  # name: (compute dtype, memory cap in GiB; 0 = whole card)
+    "h100": (None, 0.0),
+    "t4": ("float16", 15.0),
+    "cpu": (None, 0.0),
+}
+
+
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.0f} s] {message}", flush=True)
+
+
+def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
+    """Distinct 640x360 H.264 clips (different seeds), written on all cores."""
+    from producer.samples import make_video
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(i: int) -> Path:
+        path = folder / f"clip_{i:04d}.mp4"
+        make_video(path, seconds=seconds, fps=10, width=640, height=360, seed=i)
+        return path
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def build_model(folder: Path, shape: str, device: str) -> Path:
+    from models.tiny import build_from_shape, build_tiny
+
+    if shape == "small":  # CPU smoke: tiny layers, real frame sizes
+        return build_tiny(folder, max_frame_pixels=16_777_216)
+    return build_from_shape(folder, shape, dtype="bfloat16", device=device)
+
+
+def _peak_gib() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0
+
+
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_seed(loaded, clips: list[Path], args) -> dict:
+    """SEED.md's loop: sample, preprocess, generate one video at a time, dynamic cache."""
+    import torch
+
+    from models.prompt import build_messages
+    from worker.video import sample_frames
+
+    processor, model = loaded.processor, loaded.model
+    _reset_peak()
+    began = time.perf_counter()
+    tokens = 0
+    for path in clips:
+        video = sample_frames(path, args.frames, max_side=640)
+        text = processor.apply_chat_template(
+            build_messages(video.timestamps), tokenize=False, add_generation_prompt=True
+        )
+        inputs = processor(text=[text], images=video.frames, return_tensors="pt")
+        inputs = inputs.to(loaded.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.compute_dtype)
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                disable_compile=True,
+            )
+        tokens += out.shape[1] - inputs["input_ids"].shape[1]
+    elapsed = time.perf_counter() - began
+    return _row(f"seed ({args.quant}, 1 video/generate)", len(clips), tokens, elapsed, batch=1)
+
+
+def run_engine(loaded, clips: list[Path], args, memory_gib: float, compile: bool) -> dict:
+    """The worker's path: feeder threads sample + prepare, the batcher drives the GPU."""
+    from worker.batcher import Batcher
+    from worker.engine import Engine
+    from worker.video import sample_frames
+
+    engine = Engine(
+        loaded,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        memory_gib=memory_gib,
+        compile=compile,
+    )
+
+    def feed(batcher: Batcher, path: Path):
+        return batcher.describe(engine.prepare(sample_frames(path, args.frames, max_side=640)))
+
+    def run(paths: list[Path]):
+        batcher = Batcher(engine, wait_s=0.05)
+        with ThreadPoolExecutor(args.feeders) as pool:
+            answers = list(pool.map(lambda p: feed(batcher, p), paths))
+        batcher.close()
+        return answers, batcher.stats
+
+    # Warm-up (not timed): allocates the static cache, compiles, measures memory per token.
+    _, warm = run(clips[: min(len(clips), args.batch_size)])
+    log(f"engine warm-up: batches {warm.sizes} in {warm.busy_s:.1f} s")
+    _reset_peak()
+    began, cpu_began = time.perf_counter(), time.process_time()
+    answers, stats = run(clips)
+    elapsed = time.perf_counter() - began
+    # All of this process's CPU time (FFmpeg's decoder threads included) except the GPU
+    # thread's: what decoding and preprocessing cost per video.
+    feeding_cpu = time.process_time() - cpu_began - stats.cpu_s
+    name = "engine" + (" + compile" if compile else "")
+    row = _row(name, len(clips), sum(a.tokens_out for a in answers), elapsed, batch=stats.sizes)
+    per_video_cpu = feeding_cpu / len(clips)
+    row["gpu_thread_cpu_share"] = round(stats.cpu_s / max(stats.busy_s, 1e-9), 2)
+    row["cpu_s_per_video"] = round(per_video_cpu, 3)
+    # Cores that decode + preprocess as fast as the GPU consumes.
+    row["cpu_cores_needed"] = round(per_video_cpu / row["s_per_video"], 1)
+    row["gpu_busy"] = round(stats.busy_s / elapsed, 3)
+    return row
+
+
+def _row(name: str, videos: int, tokens: int, elapsed: float, batch) -> dict:
+    s_per_video = elapsed / videos
+    return {
+        "path": name,
+        "videos": videos,
+        "seconds": round(elapsed, 2),
+        "s_per_video": round(s_per_video, 4),
+        "videos_per_hour": round(3600 / s_per_video),
+        "tokens_per_s": round(tokens / elapsed, 1),
+        "batch": batch if isinstance(batch, int) else _sizes(batch),
+        "peak_gib": _peak_gib(),
+    }
+
+
+def _sizes(sizes: list[int]) -> str:
+    return f"{min(sizes)}-{max(sizes)} (mean {statistics.mean(sizes):.1f})" if sizes else "-"
+
+
+def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dict]:
+    import torch
+
+    if name == "t4":
+        clips = clips[: args.t4_videos]
+    from models.loader import load_describer
+
+    compute, cap = SETTINGS[name]
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total)
+    loaded = load_describer(str(model_dir), quant=args.quant, compute=compute)
+    log(f"{name}: model loaded ({loaded.compute_dtype})")
+    rows = [run_seed(loaded, clips[: args.seed_videos], args)]
+    log(f"{name}: seed's way done: {rows[-1]}")
+    rows.append(run_engine(loaded, clips, args, cap, compile=False))
+    log(f"{name}: engine done: {rows[-1]}")
+    if args.compile:
+        try:
+            rows.append(run_engine(loaded, clips, args, cap, compile=True))
+        except Exception as e:  # report it; the uncompiled figures stand
+            rows.append({"path": "engine + compile", "error": f"{type(e).__name__}: {e}"[:300]})
+    for row in rows:
+        row.update(setting=name, compute=str(loaded.compute_dtype), memory_cap_gib=cap)
+        if "s_per_video" in row:
+            row["x_seed"] = round(rows[0]["s_per_video"] / row["s_per_video"], 1)
+    del loaded
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    return rows
+
+
+def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict) -> dict:
+    """The same clips through Redis and a real `python -m worker` process (threads pool)."""
+    work = Path(tempfile.mkdtemp(prefix="fs-e2e-"))
+    port = 6390
+    redis = subprocess.Popen(
+        [args.redis_server, "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    env = dict(
+        os.environ,
+        FLEETSCRIBE_HOME=str(work),
+        FLEETSCRIBE_BROKER_URL=f"redis://127.0.0.1:{port}/0",
+        FLEETSCRIBE_MODEL=str(model_dir),
+        FLEETSCRIBE_QUANT=args.quant,
+        FLEETSCRIBE_FRAMES=str(args.frames),
+        FLEETSCRIBE_MAX_NEW_TOKENS=str(args.new_tokens),
+        FLEETSCRIBE_MIN_NEW_TOKENS=str(args.new_tokens),
+        FLEETSCRIBE_BATCH_SIZE=str(args.batch_size),
+        HF_HUB_OFFLINE="1",
+    )
+    log = open(work / "worker.log", "wb")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker", "--loglevel", "WARNING"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        warm = work / "warm"
+        warm.mkdir()
+        for path in sorted(clips_dir.glob("*.mp4"))[: args.batch_size]:
+            shutil.copy(path, warm / f"warm_{path.name}")  # same pixels, new bytes below
+            with open(warm / f"warm_{path.name}", "ab") as f:
+                f.write(b"\0")  # a distinct sha256, so it is not a duplicate of the timed clip
+        _enqueue(warm, env)  # model load, static cache, first batch: not timed
+        log("end to end: worker warm")
+        began = time.perf_counter()
+        _enqueue(clips_dir, env)
+        elapsed = time.perf_counter() - began
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+        redis.terminate()
+    count = len(list(clips_dir.glob("*.mp4")))
+    span = _worker_span(work, clips_dir)
+    row = _row("end to end: Redis + Celery worker", count, count * args.new_tokens, span, 0)
+    row["batch"] = "as the worker chose"
+    # From the first video claimed to the last report committed, against the engine alone;
+    # the producer's wall time (hashing, probing, polling) is reported beside it.
+    row["queue_overhead"] = round(row["s_per_video"] / engine_row["s_per_video"] - 1, 3)
+    row["producer_wall_s"] = round(elapsed, 2)
+    tail = (work / "worker.log").read_text(errors="replace")[-2000:]
+    if worker.returncode not in (0, -15):
+        row["worker_log_tail"] = tail
+    return row
+
+
+def _worker_span(work: Path, clips_dir: Path) -> float:
+    from sqlalchemy import func, select
+
+    from db.models import Video
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(f"sqlite:///{work / 'fleetscribe.db'}")
+    with make_sessionmaker(engine)() as session:
+        first, last, done = session.execute(
+            select(
+                func.min(Video.started_at),
+                func.max(Video.finished_at),
+                func.count().filter(Video.state == "done"),
+            ).where(Video.path.like(f"{clips_dir}%"))
+        ).one()
+    engine.dispose()
+    print(f"end to end: {done} clips done", flush=True)
+    return (last - first).total_seconds()
+
+
+def _enqueue(folder: Path, env: dict) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "producer", "enqueue", str(folder), "--wait"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def table(rows: list[dict], gpu: str) -> str:
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title=f"fleetscribe describe throughput on {gpu}", header_style="bold")
+    cols = [
+        ("setting", "setting"),
+        ("path", "path"),
+        ("batch", "batch"),
+        ("s/video", "s_per_video"),
+        ("videos/h", "videos_per_hour"),
+        ("tokens/s", "tokens_per_s"),
+        ("x seed", "x_seed"),
+        ("peak GiB", "peak_gib"),
+        ("CPU cores/GPU", "cpu_cores_needed"),
+        ("queue cost", "queue_overhead"),
+    ]
+    for title, _ in cols:
+        out.add_column(title, overflow="fold")
+    for row in rows:
+        out.add_row(*[str(row.get(key, row.get("error", "")) if key else "") for _, key in cols])
+    console = Console(record=True, width=160)
+    console.print(out)
+    return console.export_text()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default=str(ROOT / "benchmarks/shapes/qwen3-vl-4b.json"))
+    parser.add_argument("--settings", default="h100,t4")
+    parser.add_argument("--quant", default="nf4")
+    parser.add_argument("--videos", type=int, default=256)
+    parser.add_argument("--seed-videos", type=int, default=2)
+    parser.add_argument("--t4-videos", type=int, default=64, help="fewer: T4 batches are small")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")
+    parser.add_argument("--feeders", type=int, default=0, help="CPU threads (default 2x batch)")
+    parser.add_argument("--clip-seconds", type=float, default=8.0)
+    parser.add_argument("--compile", action="store_true", help="also try the compiled engine")
+    parser.add_argument("--e2e", action="store_true", help="also run through Redis + a worker")
+    parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    parser.add_argument("--work", default=None, help="folder for the model and clips")
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
+    args = parser.parse_args()
+    args.feeders = args.feeders or 2 * args.batch_size
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    work = Path(args.work or tempfile.mkdtemp(prefix="fs-bench-"))
+    t0 = time.perf_counter()
+    clips_dir = work / "clips"
+    clips = sorted(clips_dir.glob("*.mp4")) or make_clips(clips_dir, args.videos, args.clip_seconds)
+    clips = clips[: args.videos]
+    log(f"{len(clips)} clips ready")
+    model_dir = work / "model"
+    if not (model_dir / "config.json").exists():
+        build_model(model_dir, args.shape, "cuda" if torch.cuda.is_available() else "cpu")
+    log(f"setup (clips + model) {time.perf_counter() - t0:.0f} s")
+    rows: list[dict] = []
+
+    def save() -> None:  # after every stage, so a run cut short still leaves its figures
+        text = table(rows, gpu)
+        print(text, flush=True)
+        if args.out:
+            result = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}
+            result["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+            Path(args.out + ".txt").write_text(text)
+
+    for name in args.settings.split(","):
+        rows += run_setting(name, model_dir, clips, args)
+        save()
+    if args.e2e:  # against the first setting's engine (h100, or cpu on a CPU)
+        first = args.settings.split(",")[0]
+        engine_row = next(r for r in rows if r["path"] == "engine" and r["setting"] == first)
+        row = run_e2e(model_dir, clips_dir, len(clips), args, engine_row)
+        seed_row = next(r for r in rows if r["setting"] == first)
+        row.update(setting=first, x_seed=round(seed_row["s_per_video"] / row["s_per_video"], 1))
+        rows.append(row)
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
