@@ -49,7 +49,7 @@ def videos() -> list[Frames]:
 @pytest.fixture(scope="module")
 def single(loaded, videos):
     """Each video's answer when it runs alone: the reference every batched run must match."""
-    engine = Engine(loaded, max_new_tokens=10, batch_size=1)
+    engine = Engine(loaded, max_new_tokens=10, batch_size=1, constrained=False)
     return [engine.describe([v])[0] for v in videos]
 
 
@@ -61,7 +61,7 @@ def _same(answers, reference) -> None:
 
 @pytest.mark.parametrize("batch_size", [3, 8, 20])
 def test_batched_greedy_equals_one_at_a_time_for_every_video(loaded, videos, single, batch_size):
-    engine = Engine(loaded, max_new_tokens=10, batch_size=batch_size)
+    engine = Engine(loaded, max_new_tokens=10, batch_size=batch_size, constrained=False)
     answers = engine.describe(videos)
     _same(answers, single)
     assert max(a.batch_size for a in answers) == batch_size
@@ -69,12 +69,12 @@ def test_batched_greedy_equals_one_at_a_time_for_every_video(loaded, videos, sin
 
 def test_static_cache_and_padded_prompts_change_nothing(loaded, videos, single):
     # The GPU path: one static KV cache and prompts padded up to a multiple of 64 tokens.
-    engine = Engine(loaded, max_new_tokens=10, batch_size=6, static_cache=True)
+    engine = Engine(loaded, max_new_tokens=10, batch_size=6, static_cache=True, constrained=False)
     _same(engine.describe(videos), single)
 
 
 def test_collate_builds_what_the_processor_builds_for_the_batch(loaded, videos):
-    engine = Engine(loaded, max_new_tokens=4, batch_size=8)
+    engine = Engine(loaded, max_new_tokens=4, batch_size=8, constrained=False)
     batch = videos[:5]
     collated = engine.collate([engine.prepare(v) for v in batch])
     processor = loaded.processor
@@ -110,7 +110,7 @@ class OutOfMemoryAbove(Engine):
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_every_answer(loaded, videos, single):
-    engine = OutOfMemoryAbove(loaded, max_new_tokens=10, batch_size=8, fits=3)
+    engine = OutOfMemoryAbove(loaded, max_new_tokens=10, batch_size=8, fits=3, constrained=False)
     answers = engine.describe(videos)
     _same(answers, single)
     assert engine.tried[:3] == [8, 4, 2]  # halved until it fits
@@ -120,13 +120,13 @@ def test_out_of_memory_splits_the_batch_and_keeps_every_answer(loaded, videos, s
 
 
 def test_a_single_video_that_does_not_fit_is_a_clear_error(loaded, videos):
-    engine = OutOfMemoryAbove(loaded, max_new_tokens=4, batch_size=4, fits=0)
+    engine = OutOfMemoryAbove(loaded, max_new_tokens=4, batch_size=4, fits=0, constrained=False)
     with pytest.raises(EngineError, match="out of GPU memory for a single video"):
         engine.describe(videos[:2])
 
 
 def test_batcher_gathers_many_threads_into_batches(loaded, videos, single):
-    engine = Engine(loaded, max_new_tokens=10, batch_size=8)
+    engine = Engine(loaded, max_new_tokens=10, batch_size=8, constrained=False)
     batcher = Batcher(engine, wait_s=0.5)
     results: dict[int, object] = {}
     start = threading.Barrier(len(videos))
@@ -149,7 +149,7 @@ def test_batcher_gathers_many_threads_into_batches(loaded, videos, single):
 
 
 def test_one_broken_input_fails_alone_and_the_batcher_lives_on(loaded, videos, single):
-    engine = Engine(loaded, max_new_tokens=10, batch_size=4)
+    engine = Engine(loaded, max_new_tokens=10, batch_size=4, constrained=False)
     batcher = Batcher(engine, wait_s=0.5)
     good = [engine.prepare(v) for v in videos[:3]]
     broken = Prepared(dict(good[0].tensors))

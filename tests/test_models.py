@@ -73,7 +73,7 @@ def test_engine_answers_each_video(engine, sampled):
     assert len(answers) == len(sampled)
     for answer in answers:
         assert answer.tokens_in > 0
-        assert 1 <= answer.tokens_out <= engine.max_new_tokens
+        assert 1 <= answer.tokens_out <= engine.answer_tokens
         assert isinstance(answer.text, str)
 
 

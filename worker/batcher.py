@@ -32,6 +32,7 @@ class BatcherStats:
     busy_s: float = 0.0
     cpu_s: float = 0.0  # CPU time of the GPU thread itself (Python driving the kernels)
     sizes: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # decode steps of each batch (longest row)
 
 
 class Batcher:
@@ -120,6 +121,7 @@ class Batcher:
         self.stats.busy_s += time.perf_counter() - began
         self.stats.cpu_s += time.thread_time() - cpu_began
         self.stats.sizes.append(len(live))
+        self.stats.steps.append(max(a.tokens_out for a in answers))
 
     def _serve_one(self, prepared: Prepared, future: Future) -> None:
         try:

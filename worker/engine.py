@@ -56,6 +56,7 @@ class Prepared:
     """One video's model inputs on the CPU, ready to be padded into a batch."""
 
     tensors: dict[str, Any]  # input_ids etc. of shape (1, n); pixel_values; image_grid_thw
+    frames: int = 1  # sampled frames: bounds the hazards' frame index in the grammar
 
     @property
     def tokens(self) -> int:
@@ -75,6 +76,7 @@ class Engine:
         static_cache: bool | None = None,
         compile: bool = False,
         min_new_tokens: int = 0,
+        constrained: bool = True,
     ):
         self.loaded = loaded
         self.max_new_tokens = max_new_tokens
@@ -86,6 +88,15 @@ class Engine:
         # every step; on the CPU the dynamic cache is as fast and uses less memory.
         self.static_cache = self.on_cuda if static_cache is None else static_cache
         self.compile = compile
+        # Schema-constrained decoding (models/grammar.py): every answer is a valid report.
+        self.grammar = _report_grammar(loaded) if constrained else None
+        # The longest answer a batch may need room for (static cache, memory sizing): under
+        # the grammar, never less than its longest admitted answer, so none is cut off.
+        self.answer_tokens = max_new_tokens
+        if constrained:
+            from models.grammar import MAX_FRAMES, worst_case_chars
+
+            self.answer_tokens = max(max_new_tokens, worst_case_chars(MAX_FRAMES) + 1)
         self._lock = threading.Lock()  # one generate at a time on the device
         self._bytes_per_token: float | None = None  # measured after each batch
         self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
@@ -111,6 +122,7 @@ class Engine:
             memory_gib=settings.gpu_memory_gib,
             compile=settings.compile,
             min_new_tokens=settings.min_new_tokens,
+            constrained=settings.constrained,
         )
 
     # -- CPU side -------------------------------------------------------------------------
@@ -122,7 +134,7 @@ class Engine:
             build_messages(video.timestamps), tokenize=False, add_generation_prompt=True
         )
         inputs = processor(text=[text], images=list(video.frames), return_tensors="pt")
-        return Prepared(dict(inputs))
+        return Prepared(dict(inputs), frames=len(video.timestamps))
 
     def collate(self, batch: list[Prepared]) -> dict[str, Any]:
         """Left-pad token tensors to one length; concatenate the frames' pixel tensors."""
@@ -175,7 +187,7 @@ class Engine:
             usable = min(usable, self._memory_cap)
         budget = usable * _HEADROOM - torch.cuda.memory_allocated(device)
         per_token = self._bytes_per_token or _estimated_bytes_per_token(self.loaded)
-        per_video = per_token * (tokens + self.max_new_tokens)
+        per_video = per_token * (tokens + self.answer_tokens)
         return max(1, min(limit, int(budget // per_video)))
 
     def _generate_or_split(self, batch: list[Prepared]) -> list[Answer]:
@@ -217,6 +229,11 @@ class Engine:
             "min_new_tokens": self.min_new_tokens or None,
             "do_sample": False,
         }
+        if self.grammar is not None:
+            frames = [p.frames for p in batch]
+            options["logits_processor"] = [self.grammar.logits_processor(frames)]
+            options["max_new_tokens"] = self.answer_tokens
+            options["min_new_tokens"] = None  # would force tokens past the closing brace
         if self.static_cache:
             options["cache_implementation"] = "static"
         if not self.compile:
@@ -238,7 +255,7 @@ class Engine:
         import torch
 
         peak = torch.cuda.max_memory_allocated(self.loaded.device) - base
-        per_token = peak / (rows * (prompt_len + self.max_new_tokens))
+        per_token = peak / (rows * (prompt_len + self.answer_tokens))
         self._bytes_per_token = max(per_token, self._bytes_per_token or 0.0)
         log.info("batch of %d: peak %.2f GiB above the weights", rows, peak / 2**30)
 
@@ -259,6 +276,13 @@ class Engine:
                 Answer(text, int(tokens_in), len(kept) + int(stopped), elapsed, len(new))
             )
         return answers
+
+
+def _report_grammar(loaded: LoadedModel):
+    from models.grammar import ReportGrammar
+
+    vocab = loaded.model.config.get_text_config().vocab_size
+    return ReportGrammar(loaded.processor.tokenizer, vocab)
 
 
 def _estimated_bytes_per_token(loaded: LoadedModel) -> float:

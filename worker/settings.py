@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(50, ge=0, le=60_000)
     # Cap on this process's GPU memory in GiB (0: the whole card), e.g. 15 on a 16 GB T4.
     gpu_memory_gib: float = Field(0.0, ge=0)
+    # Hold decoding to the report grammar (models/grammar.py): every answer is valid.
+    constrained: bool = True
     # Suppress the stop token until this many new tokens (benchmarks: fixed answer length).
     min_new_tokens: int = Field(0, ge=0, le=8192)
     # torch.compile the decoding step (CUDA graphs); the first batch of each shape is slow.

@@ -1,0 +1,144 @@
+"""Constrained decoding: the tiny random model, which otherwise writes noise, writes only
+valid reports, batched or not."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import xgrammar as xgr
+
+from models import grammar
+from models.loader import load_describer
+from models.schema import parse_report
+from worker.engine import Engine
+
+
+@dataclass
+class Frames:  # the part of worker.video.SampledVideo the engine reads
+    frames: list
+    timestamps: list
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_describer(str(tiny_model), quant="fp32")
+
+
+@pytest.fixture(scope="module")
+def report_grammar(loaded):
+    return grammar.ReportGrammar(
+        loaded.processor.tokenizer, loaded.model.config.get_text_config().vocab_size
+    )
+
+
+def _longest(frames: int) -> dict:
+    return {
+        "schema_version": 1,
+        "scene_description": "s" * grammar.SCENE_CHARS,
+        "driving_parameters": {
+            "road_type": "intersection",
+            "lane_count": 12,
+            "ego_lane_position": "unknown",
+            "traffic_light_state": "unknown",
+            "pedestrian_on_road": False,
+            "closest_vehicle_distance": "medium",
+            "ego_vehicle_speed": "moderate",
+            "road_curvature": "straight",
+            "weather": "unknown",
+            "visibility": "moderate",
+            "time_of_day": "dawn_dusk",
+            "traffic_density": "moderate",
+            "risk_factor": "critical",
+        },
+        "hazards": [
+            {"kind": "pedestrian", "description": "h" * grammar.HAZARD_CHARS, "frame": frames - 1}
+        ]
+        * grammar.HAZARDS,
+        "risk_assessment": "r" * grammar.RISK_CHARS,
+    }
+
+
+def _accepts(report_grammar, frames: int, text: str) -> bool:
+    matcher = xgr.GrammarMatcher(report_grammar.compiled(frames))
+    return (
+        matcher.accept_string(text)
+        and matcher.is_terminated() is False
+        and (matcher.accept_token(matcher.stop_token_ids[0]) and matcher.is_terminated())
+    )
+
+
+def _compact(report: dict) -> str:
+    return json.dumps(report, separators=(",", ":"))
+
+
+def test_the_longest_report_is_accepted_valid_and_as_long_as_the_worst_case(report_grammar):
+    text = _compact(_longest(8))
+    assert _accepts(report_grammar, 8, text)
+    assert parse_report(text, frames=8).valid
+    assert len(text) == grammar.worst_case_chars(8)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda r: r.update(scene_description="s" * (grammar.SCENE_CHARS + 1)),
+        lambda r: r.update(scene_description=""),
+        lambda r: r.update(scene_description='say "hi"'),
+        lambda r: r["driving_parameters"].update(weather="sunny"),
+        lambda r: r["driving_parameters"].update(lane_count=13),
+        lambda r: r["hazards"].append(dict(r["hazards"][0])),  # one hazard too many
+        lambda r: r["hazards"][0].update(frame=8),  # only 8 frames were sampled
+        lambda r: r.update(extra="no"),
+    ],
+    ids=["long", "empty", "quote", "enum", "lanes", "hazards", "frame", "extra-key"],
+)
+def test_the_grammar_refuses_what_the_schema_or_the_video_forbids(report_grammar, change):
+    report = _longest(8)
+    report["hazards"] = list(report["hazards"])
+    change(report)
+    assert not _accepts(report_grammar, 8, _compact(report))
+
+
+def _videos(count: int, seed: int) -> list[Frames]:
+    rng = np.random.default_rng(seed)
+    videos = []
+    for _ in range(count):
+        n = int(rng.integers(1, 9))
+        h, w = int(rng.integers(32, 128)), int(rng.integers(32, 160))
+        base = rng.integers(0, 256, 3)
+        frames = [
+            np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8) for _ in range(n)
+        ]
+        start = float(rng.uniform(0, 600))
+        videos.append(Frames(frames, [round(start + 0.9 * i, 2) for i in range(n)]))
+    return videos
+
+
+def test_hundreds_of_varied_videos_all_get_valid_reports(loaded):
+    videos = _videos(200, seed=11)
+    engine = Engine(loaded, max_new_tokens=16, batch_size=25)
+    answers = engine.describe(videos)
+    errors = [
+        parse_report(a.text, frames=len(v.timestamps)).error
+        for a, v in zip(answers, videos, strict=True)
+    ]
+    assert errors == [None] * len(videos)
+    # The constraint, not luck: the same model unconstrained writes no valid report.
+    free = Engine(loaded, max_new_tokens=64, batch_size=25, constrained=False)
+    free_answers = free.describe(videos[:25])
+    assert not any(parse_report(a.text, frames=8).valid for a in free_answers)
+
+
+def test_constrained_batched_output_equals_one_at_a_time(loaded):
+    videos = _videos(8, seed=5)
+    engine = Engine(loaded, max_new_tokens=16, batch_size=8)
+    batched = engine.describe(videos)
+    single = [engine.describe([v])[0] for v in videos]
+    assert [a.text for a in batched] == [a.text for a in single]
+    assert all(
+        parse_report(a.text, frames=len(v.timestamps)).valid
+        for a, v in zip(batched, videos, strict=True)
+    )
