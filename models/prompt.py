@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from models import grammar as g
 from models import schema as s
 
-PROMPT_VERSION = 1
+PROMPT_VERSION = 2  # 2: the three parts spelled out, bounds of the decoding grammar
 
 SYSTEM = (
-    "You are a driving-scene analyst for a fleet of vehicles. You look at frames from a "
-    "forward-facing dash camera and report what matters for safety, precisely and briefly."
+    "You review dash-camera footage for a vehicle fleet's safety team. You describe only "
+    "what the frames show, in plain English, and you never guess beyond them."
 )
 
 
@@ -19,32 +20,34 @@ def _choices(enum: type[StrEnum]) -> str:
 
 
 def instruction(frames: int) -> str:
-    """The request that follows the frames; its key list is generated from schema v1."""
+    """The request that follows the frames; keys and choices come from the report schema."""
     return (
-        f"The {frames} images above are frames 0 to {frames - 1} of one dash-camera video, "
-        "in time order. Answer with one JSON object and nothing else, with exactly these keys:\n"
-        f'"schema_version": {s.SCHEMA_VERSION},\n'
-        '"scene_description": the vehicles, pedestrians and obstacles and what they are doing; '
-        f"signs, traffic lights and lane markings (at most {s.MAX_SCENE_CHARS} characters),\n"
-        '"driving_parameters": {'
-        f'"road_type": {_choices(s.RoadType)}, '
-        f'"lane_count": integer 0-{s.MAX_LANES}, '
-        f'"ego_lane_position": {_choices(s.LanePosition)}, '
-        f'"traffic_light_state": {_choices(s.TrafficLight)}, '
-        '"pedestrian_on_road": true|false, '
-        f'"closest_vehicle_distance": {_choices(s.Distance)}, '
-        f'"ego_vehicle_speed": {_choices(s.Speed)}, '
-        f'"road_curvature": {_choices(s.Curvature)}, '
-        f'"weather": {_choices(s.Weather)}, '
-        f'"visibility": {_choices(s.Visibility)}, '
-        f'"time_of_day": {_choices(s.TimeOfDay)}, '
-        f'"traffic_density": {_choices(s.Density)}, '
-        f'"risk_factor": {_choices(s.Risk)}}},\n'
-        f'"hazards": a list of at most {s.MAX_HAZARDS} objects '
-        f'{{"kind": {_choices(s.HazardKind)}, "description": text, '
-        f'"frame": index 0-{frames - 1} of the frame it is seen in}}, [] if there are none,\n'
-        '"risk_assessment": what could go wrong in the next seconds and what the ego vehicle '
-        f"should do (at most {s.MAX_RISK_CHARS} characters)."
+        f"These {frames} frames (0 to {frames - 1}) come from one video, oldest first. "
+        "Write one compact JSON object with these keys, in this order, and nothing else.\n"
+        f'"schema_version": {s.SCHEMA_VERSION}\n'
+        '"scene_description": part 1, the scene: road users and obstacles and what each '
+        "is doing, then signs, signals and lane markings "
+        f"(up to {g.SCENE_CHARS} characters).\n"
+        '"driving_parameters": part 2, one value per key: '
+        f'"road_type" {_choices(s.RoadType)}; '
+        f'"lane_count" 0-{s.MAX_LANES}; '
+        f'"ego_lane_position" {_choices(s.LanePosition)}; '
+        f'"traffic_light_state" {_choices(s.TrafficLight)}; '
+        '"pedestrian_on_road" true|false; '
+        f'"closest_vehicle_distance" {_choices(s.Distance)}; '
+        f'"ego_vehicle_speed" {_choices(s.Speed)}; '
+        f'"road_curvature" {_choices(s.Curvature)}; '
+        f'"weather" {_choices(s.Weather)}; '
+        f'"visibility" {_choices(s.Visibility)}; '
+        f'"time_of_day" {_choices(s.TimeOfDay)}; '
+        f'"traffic_density" {_choices(s.Density)}; '
+        f'"risk_factor" {_choices(s.Risk)}.\n'
+        f'"hazards": up to {g.HAZARDS} objects {{"kind": {_choices(s.HazardKind)}, '
+        f'"description": up to {g.HAZARD_CHARS} characters, "frame": 0-{frames - 1}, the frame '
+        "where it is clearest}, or [] when nothing threatens the vehicle.\n"
+        '"risk_assessment": part 3, what could go wrong in the next few seconds and what '
+        f"the driver should do about it (up to {g.RISK_CHARS} characters).\n"
+        "Text uses plain ASCII without double quotes or backslashes."
     )
 
 

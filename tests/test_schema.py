@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from models import grammar
 from models import schema as s
 from models.prompt import SYSTEM, build_messages, instruction
 from models.schema import DrivingParameters, Report, json_schema, parse_report
@@ -352,22 +354,25 @@ def test_models_schema_cli_prints_the_json_schema():
 def test_instruction_names_every_key_and_every_enum_value():
     text = instruction(FRAMES)
     for key in DrivingParameters.model_fields:
-        assert f'"{key}":' in text, key
+        assert f'"{key}" ' in text, key
     for key, enum in PARAM_ENUMS.items():
         # Each key is followed by exactly its enum's choices, in order.
-        assert f'"{key}": {"|".join(m.value for m in enum)}' in text, key
+        choices = "|".join(m.value for m in enum)
+        assert re.search(rf'"{key}" {re.escape(choices)}[;.]', text), key
     assert f'"kind": {"|".join(m.value for m in s.HazardKind)}' in text
     for key in Report.model_fields:
         assert f'"{key}"' in text, key
-    assert f"integer 0-{s.MAX_LANES}" in text
-    assert f"0-{FRAMES - 1}" in text
-    assert f"at most {s.MAX_HAZARDS}" in text
+    assert f'"lane_count" 0-{s.MAX_LANES}' in text
+    assert f'"frame": 0-{FRAMES - 1}' in text
+    # The bounds it states are the decoding grammar's.
+    assert f"up to {grammar.HAZARDS} objects" in text
+    assert f"up to {grammar.SCENE_CHARS} characters" in text
 
 
 def test_instruction_follows_the_number_of_frames():
-    assert "The 12 images above are frames 0 to 11" in instruction(12)
-    assert "index 0-11" in instruction(12)
-    assert "index 0-11" not in instruction(FRAMES)
+    assert "These 12 frames (0 to 11)" in instruction(12)
+    assert '"frame": 0-11' in instruction(12)
+    assert '"frame": 0-11' not in instruction(FRAMES)
 
 
 @pytest.mark.parametrize("timestamps", [[0.0], [0.5, 1.5, 2.5], [i * 0.25 for i in range(12)]])
