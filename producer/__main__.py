@@ -1,4 +1,5 @@
 """python -m producer enqueue PATH... [--manifest F] [--frames K] [--priority N] [--wait]
+python -m producer requeue --where "prompt_version < 2" [--dry-run] [--wait]
 python -m producer status [--batch ID]"""
 
 from __future__ import annotations
@@ -120,6 +121,77 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
         console.print(f"failed {path}: {reason}", soft_wrap=True)
     if failed:
         sys.exit(1)
+
+
+@cli.command(help="Describe again the videos whose reports match --where (e.g. older prompt).")
+@click.option(
+    "--where",
+    "where_text",
+    required=True,
+    help='FIELD OP VALUE [and ...] over report fields, e.g. "prompt_version < 2".',
+)
+@click.option("--dry-run", is_flag=True, help="List what matches; send nothing.")
+@click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True)
+@click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
+def requeue(where_text, dry_run, priority, wait) -> None:
+    from db import store
+    from db.models import Video
+    from db.session import session_scope
+    from models.prompt import PROMPT_VERSION
+    from producer import enqueue as enq
+    from producer.enqueue import Outcome
+    from producer.requeue import matching, parse_where
+
+    settings = load_settings()
+    where = parse_where(where_text)
+    sessions = _sessions(settings)
+    with session_scope(sessions) as session:
+        found = matching(
+            session=session,
+            where=where,
+            model=settings.model,
+            adapter=settings.adapter_name,
+            prompt_version=PROMPT_VERSION,
+        )
+        console.print(f"{len(found)} videos match: {where_text}")
+        for m in found[:_REASON_ROWS]:  # plain lines: easy to grep and to paste
+            console.print(
+                f"match {m.path} (video {m.video_id}, prompt v{m.prompt_version})", soft_wrap=True
+            )
+        if len(found) > _REASON_ROWS:
+            console.print(f"... and {len(found) - _REASON_ROWS} more")
+        if dry_run or not found:
+            console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
+            return
+        batch = store.create_batch(
+            session=session,
+            frames=settings.frames,
+            priority=priority,
+            inputs=len(found),
+            note=f"requeue where {where_text}",
+        )
+        videos = []
+        for m in found:
+            video = session.get(Video, m.video_id)
+            frames = video.frames or settings.frames
+            store.requeue_video(
+                session=session, video=video, batch_id=batch.id, frames=frames, priority=priority
+            )
+            store.add_submission(
+                session=session,
+                batch_id=batch.id,
+                path=video.path,
+                video_id=video.id,
+                outcome=Outcome.REQUEUED,
+            )
+            videos.append(video)
+        batch_id = batch.id
+    sent = enq.send(videos, sessions=sessions, priority=priority)
+    console.print(
+        f"batch {batch_id}: {sent} videos sent to the describe queue (prompt v{PROMPT_VERSION})"
+    )
+    if wait:
+        _follow(sessions, batch_id)
 
 
 @cli.command(help="Counts by state, videos/minute and ETA (all videos, or one batch).")

@@ -157,3 +157,70 @@ def test_an_unreachable_database_is_one_line(tmp_path):
     )
     assert out.returncode == 2
     assert "did not answer" in out.stderr and "Traceback" not in out.stderr
+
+
+def _requeue_env(rt: Runtime) -> dict[str, str]:
+    s = rt.settings
+    return {
+        "FLEETSCRIBE_DATABASE_URL": s.db_url,
+        "FLEETSCRIBE_MODEL": s.model,
+        "FLEETSCRIBE_VIDEO_ROOTS": ":".join(str(r) for r in s.video_roots),
+    }
+
+
+def test_reports_of_an_older_prompt_are_listed_and_requeued(runtime, tmp_path):
+    from models.prompt import PROMPT_VERSION
+
+    paths = [make_video(tmp_path / "videos" / f"{n}.mp4", seed=10 + i) for i, n in enumerate("abc")]
+    ids = [_enqueued(runtime, p) for p in paths]
+    for vid, path in zip(ids, paths, strict=True):
+        assert describe_video(runtime, video_id=vid, path=str(path), frames=None) == "done"
+    old = PROMPT_VERSION - 1
+    with session_scope(runtime.sessions) as session:  # a and b were described by the old prompt
+        for report in session.scalars(select(Report).where(Report.video_id.in_(ids[:2]))):
+            report.prompt_version = old
+    env = _requeue_env(runtime)
+    where = f"prompt_version < {PROMPT_VERSION}"
+
+    dry = _cli(["producer", "requeue", "--where", where, "--dry-run"], env, tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "2 videos match" in dry.stdout and "0 videos sent (dry run)" in dry.stdout
+    assert str(paths[0]) in dry.stdout and str(paths[2]) not in dry.stdout
+    assert _video(runtime, ids[0]).state == VideoState.DONE
+
+    sent = _cli(["producer", "requeue", "--where", where], env, tmp_path)
+    assert sent.returncode == 0, sent.stderr
+    assert "2 videos sent" in sent.stdout
+    assert [_video(runtime, v).state for v in ids] == [
+        VideoState.QUEUED,
+        VideoState.QUEUED,
+        VideoState.DONE,
+    ]
+    # The worker describes it again with the current prompt; the old report stays beside it.
+    assert describe_video(runtime, video_id=ids[0], path=str(paths[0]), frames=None) == "done"
+    with session_scope(runtime.sessions) as session:
+        versions = session.scalars(
+            select(Report.prompt_version).where(Report.video_id == ids[0])
+        ).all()
+    assert sorted(versions) == [old, PROMPT_VERSION]
+    again = _cli(["producer", "requeue", "--where", where, "--dry-run"], env, tmp_path)
+    assert "0 videos match" in again.stdout  # a has a current report, b is queued
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("prompt_version < two", "whole number"),
+        ("prompt_version < 2; DROP TABLE videos", "whole number"),
+        ("model = x'; DELETE FROM reports; --", "not a plain value"),
+        ("1 = 1", "unknown field"),
+        ("path = /etc/passwd", "unknown field"),
+        ("valid = maybe", "true or false"),
+        ("prompt_version", "cannot read"),
+    ],
+)
+def test_a_bad_requeue_condition_is_one_line_and_runs_nothing(runtime, tmp_path, where, message):
+    out = _cli(["producer", "requeue", "--where", where], _requeue_env(runtime), tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
