@@ -116,19 +116,32 @@ def run_seed(loaded, clips: list[Path], args) -> dict:
     return _row(f"seed ({args.quant}, 1 video/generate)", len(clips), tokens, elapsed, batch=1)
 
 
-def run_engine(loaded, clips: list[Path], args, memory_gib: float, compile: bool) -> dict:
-    """The worker's path: feeder threads sample + prepare, the batcher drives the GPU."""
+def run_engine(
+    loaded,
+    clips: list[Path],
+    args,
+    memory_gib: float,
+    compile: bool,
+    constrained: bool = False,
+    new_tokens: int | None = None,
+) -> dict:
+    """The worker's path: feeder threads sample + prepare, the batcher drives the GPU.
+
+    Unconstrained, every answer is forced to `new_tokens`; constrained (the report
+    grammar), answers end where the grammar lets them."""
     from worker.batcher import Batcher
     from worker.engine import Engine
     from worker.video import sample_frames
 
+    new_tokens = new_tokens or args.new_tokens
     engine = Engine(
         loaded,
-        max_new_tokens=args.new_tokens,
-        min_new_tokens=args.new_tokens,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
         batch_size=args.batch_size,
         memory_gib=memory_gib,
         compile=compile,
+        constrained=constrained,
     )
 
     def feed(batcher: Batcher, path: Path):
@@ -151,7 +164,9 @@ def run_engine(loaded, clips: list[Path], args, memory_gib: float, compile: bool
     # All of this process's CPU time (FFmpeg's decoder threads included) except the GPU
     # thread's: what decoding and preprocessing cost per video.
     feeding_cpu = time.process_time() - cpu_began - stats.cpu_s
-    name = "engine" + (" + compile" if compile else "")
+    name = "engine" + (" + compile" if compile else "") + (" + grammar" if constrained else "")
+    if new_tokens != args.new_tokens:
+        name += f" ({new_tokens} tokens)"
     row = _row(name, len(clips), sum(a.tokens_out for a in answers), elapsed, batch=stats.sizes)
     per_video_cpu = feeding_cpu / len(clips)
     row["gpu_thread_cpu_share"] = round(stats.cpu_s / max(stats.busy_s, 1e-9), 2)
@@ -159,6 +174,7 @@ def run_engine(loaded, clips: list[Path], args, memory_gib: float, compile: bool
     # Cores that decode + preprocess as fast as the GPU consumes.
     row["cpu_cores_needed"] = round(per_video_cpu / row["s_per_video"], 1)
     row["gpu_busy"] = round(stats.busy_s / elapsed, 3)
+    row["mean_batch_steps"] = round(statistics.mean(stats.steps)) if stats.steps else 0
     return row
 
 
@@ -197,6 +213,16 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
     log(f"{name}: seed's way done: {rows[-1]}")
     rows.append(run_engine(loaded, clips, args, cap, compile=False))
     log(f"{name}: engine done: {rows[-1]}")
+    if args.grammar:
+        # Constrained answers end where the grammar says; the cost of the constraint is its
+        # time against the unconstrained engine forced to the same number of decode steps.
+        constrained = run_engine(loaded, clips, args, cap, compile=False, constrained=True)
+        same = run_engine(
+            loaded, clips, args, cap, compile=False, new_tokens=constrained["mean_batch_steps"]
+        )
+        constrained["grammar_cost"] = round(constrained["seconds"] / same["seconds"] - 1, 3)
+        rows += [constrained, same]
+        log(f"{name}: grammar done: cost {constrained['grammar_cost']}")
     if args.compile:
         try:
             rows.append(run_engine(loaded, clips, args, cap, compile=True))
@@ -321,6 +347,7 @@ def table(rows: list[dict], gpu: str) -> str:
         ("peak GiB", "peak_gib"),
         ("CPU cores/GPU", "cpu_cores_needed"),
         ("queue cost", "queue_overhead"),
+        ("grammar cost", "grammar_cost"),
     ]
     for title, _ in cols:
         out.add_column(title, overflow="fold")
@@ -345,6 +372,7 @@ def main() -> int:
     parser.add_argument("--feeders", type=int, default=0, help="CPU threads (default 2x batch)")
     parser.add_argument("--clip-seconds", type=float, default=8.0)
     parser.add_argument("--compile", action="store_true", help="also try the compiled engine")
+    parser.add_argument("--grammar", action="store_true", help="also the constrained engine")
     parser.add_argument("--e2e", action="store_true", help="also run through Redis + a worker")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--work", default=None, help="folder for the model and clips")
