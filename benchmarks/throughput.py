@@ -256,6 +256,7 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
         FLEETSCRIBE_FRAMES=str(args.frames),
         FLEETSCRIBE_MAX_NEW_TOKENS=str(args.new_tokens),
         FLEETSCRIBE_MIN_NEW_TOKENS=str(args.new_tokens),
+        FLEETSCRIBE_CONSTRAINED="false",  # the same forced-length work as the engine row
         FLEETSCRIBE_BATCH_SIZE=str(args.batch_size),
         HF_HUB_OFFLINE="1",
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -80,3 +82,41 @@ def redis_url() -> str:
     yield REDIS_URL
     client.flushdb()
     client.close()
+
+
+@dataclass
+class Frames:
+    """The part of worker.video.SampledVideo the engine reads."""
+
+    frames: list
+    timestamps: list
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model):
+    """The tiny model loaded in float32 on the CPU, once per test session."""
+    from models.loader import load_describer
+
+    return load_describer(str(tiny_model), quant="fp32")
+
+
+@pytest.fixture(scope="session")
+def random_videos():
+    """Factory of videos that differ in frame count, frame size and times, so prompts differ."""
+
+    def make(count: int, *, seed: int, max_frames: int = 5) -> list[Frames]:
+        rng = np.random.default_rng(seed)
+        videos = []
+        for _ in range(count):
+            n = int(rng.integers(1, max_frames + 1))
+            h, w = int(rng.integers(32, 160)), int(rng.integers(32, 200))
+            base = rng.integers(0, 256, 3)
+            frames = [
+                np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+                for _ in range(n)
+            ]
+            start = float(rng.uniform(0, 600))
+            videos.append(Frames(frames, [round(start + 0.9 * i, 2) for i in range(n)]))
+        return videos
+
+    return make

@@ -4,46 +4,24 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
 
-from models.loader import load_describer
 from models.prompt import build_messages
 from worker.batcher import Batcher
 from worker.engine import Engine, Prepared
 from worker.errors import EngineError
 
 
-@dataclass
-class Frames:  # the part of worker.video.SampledVideo the engine reads
-    frames: list
-    timestamps: list
+@pytest.fixture(scope="module")
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load_describer(str(tiny_model), quant="fp32")
-
-
-def _videos(count: int, seed: int) -> list[Frames]:
-    """Videos that differ in frame count, frame size and timestamps, so prompts differ."""
-    rng = np.random.default_rng(seed)
-    videos = []
-    for _ in range(count):
-        n = int(rng.integers(1, 6))
-        h, w = int(rng.integers(32, 160)), int(rng.integers(32, 200))
-        frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
-        start = float(rng.uniform(0, 30))
-        videos.append(Frames(frames, [round(start + 0.7 * i, 2) for i in range(n)]))
-    return videos
-
-
-@pytest.fixture(scope="module")
-def videos() -> list[Frames]:
-    return _videos(20, seed=7)
+def videos(random_videos):
+    return random_videos(20, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -4,27 +4,18 @@ valid reports, batched or not."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import xgrammar as xgr
 
 from models import grammar
-from models.loader import load_describer
 from models.schema import parse_report
 from worker.engine import Engine
 
 
-@dataclass
-class Frames:  # the part of worker.video.SampledVideo the engine reads
-    frames: list
-    timestamps: list
-
-
 @pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return load_describer(str(tiny_model), quant="fp32")
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 @pytest.fixture(scope="module")
@@ -102,23 +93,8 @@ def test_the_grammar_refuses_what_the_schema_or_the_video_forbids(report_grammar
     assert not _accepts(report_grammar, 8, _compact(report))
 
 
-def _videos(count: int, seed: int) -> list[Frames]:
-    rng = np.random.default_rng(seed)
-    videos = []
-    for _ in range(count):
-        n = int(rng.integers(1, 9))
-        h, w = int(rng.integers(32, 128)), int(rng.integers(32, 160))
-        base = rng.integers(0, 256, 3)
-        frames = [
-            np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8) for _ in range(n)
-        ]
-        start = float(rng.uniform(0, 600))
-        videos.append(Frames(frames, [round(start + 0.9 * i, 2) for i in range(n)]))
-    return videos
-
-
-def test_hundreds_of_varied_videos_all_get_valid_reports(loaded):
-    videos = _videos(200, seed=11)
+def test_hundreds_of_varied_videos_all_get_valid_reports(loaded, random_videos):
+    videos = random_videos(200, seed=11, max_frames=8)
     engine = Engine(loaded, max_new_tokens=16, batch_size=25)
     answers = engine.describe(videos)
     errors = [
@@ -132,8 +108,8 @@ def test_hundreds_of_varied_videos_all_get_valid_reports(loaded):
     assert not any(parse_report(a.text, frames=8).valid for a in free_answers)
 
 
-def test_constrained_batched_output_equals_one_at_a_time(loaded):
-    videos = _videos(8, seed=5)
+def test_constrained_batched_output_equals_one_at_a_time(loaded, random_videos):
+    videos = random_videos(8, seed=5, max_frames=8)
     engine = Engine(loaded, max_new_tokens=16, batch_size=8)
     batched = engine.describe(videos)
     single = [engine.describe([v])[0] for v in videos]
