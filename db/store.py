@@ -157,6 +157,18 @@ def start_attempt(*, session: Session, video_id: int, worker: str) -> Video | No
     return video
 
 
+def stale_running(*, session: Session, older_than: datetime) -> list[Video]:
+    """Videos left `running` since before `older_than`: their worker died or hung."""
+    return list(
+        session.scalars(
+            select(Video)
+            .where(Video.state == VideoState.RUNNING, Video.started_at < older_than)
+            .order_by(Video.id)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
 def find_report(
     *, session: Session, video_id: int, model: str, adapter: str, prompt_version: int
 ) -> Report | None:

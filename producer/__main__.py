@@ -1,5 +1,6 @@
 """python -m producer enqueue PATH... [--manifest F] [--frames K] [--priority N] [--wait]
 python -m producer requeue --where "prompt_version < 2" [--dry-run] [--wait]
+python -m producer reap [--after SECONDS] [--dry-run]
 python -m producer status [--batch ID]"""
 
 from __future__ import annotations
@@ -134,13 +135,11 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
 @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True)
 @click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
 def requeue(where_text, dry_run, priority, wait) -> None:
-    from db import store
     from db.models import Video
     from db.session import session_scope
     from models.prompt import PROMPT_VERSION
     from producer import enqueue as enq
-    from producer.enqueue import Outcome
-    from producer.requeue import matching, parse_where
+    from producer.requeue import matching, parse_where, requeue_videos
 
     settings = load_settings()
     where = parse_where(where_text)
@@ -163,35 +162,63 @@ def requeue(where_text, dry_run, priority, wait) -> None:
         if dry_run or not found:
             console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
             return
-        batch = store.create_batch(
+        videos = [session.get(Video, m.video_id) for m in found]
+        batch_id = requeue_videos(
             session=session,
-            frames=settings.frames,
-            priority=priority,
-            inputs=len(found),
+            videos=videos,
             note=f"requeue where {where_text}",
+            priority=priority,
+            frames=settings.frames,
         )
-        videos = []
-        for m in found:
-            video = session.get(Video, m.video_id)
-            frames = video.frames or settings.frames
-            store.requeue_video(
-                session=session, video=video, batch_id=batch.id, frames=frames, priority=priority
-            )
-            store.add_submission(
-                session=session,
-                batch_id=batch.id,
-                path=video.path,
-                video_id=video.id,
-                outcome=Outcome.REQUEUED,
-            )
-            videos.append(video)
-        batch_id = batch.id
     sent = enq.send(videos, sessions=sessions, priority=priority)
     console.print(
         f"batch {batch_id}: {sent} videos sent to the describe queue (prompt v{PROMPT_VERSION})"
     )
     if wait:
         _follow(sessions, batch_id)
+
+
+@cli.command(help="Send again the videos left 'running' too long (their worker died or hung).")
+@click.option(
+    "--after",
+    type=click.IntRange(1),
+    default=None,
+    help="Seconds running before a video counts as stale [default: 2x TASK_TIME_LIMIT].",
+)
+@click.option("--dry-run", is_flag=True, help="List the stale videos; send nothing.")
+def reap(after, dry_run) -> None:
+    from datetime import timedelta
+
+    from db import store
+    from db.models import utcnow
+    from db.session import session_scope
+    from producer import enqueue as enq
+    from producer.requeue import requeue_videos
+
+    settings = load_settings()
+    after = after or 2 * settings.task_time_limit
+    sessions = _sessions(settings)
+    with session_scope(sessions) as session:
+        stale = store.stale_running(session=session, older_than=utcnow() - timedelta(seconds=after))
+        console.print(f"{len(stale)} videos running for more than {after} s")
+        for video in stale[:_REASON_ROWS]:
+            console.print(
+                f"stale {video.path} (video {video.id}, worker {video.worker})", soft_wrap=True
+            )
+        if dry_run or not stale:
+            console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
+            return
+        batch_id = requeue_videos(
+            session=session,
+            videos=stale,
+            note=f"reap: running more than {after} s",
+            priority=0,
+            frames=settings.frames,
+        )
+    # The video's own message may still come back too: the worker then finds its report,
+    # or the unique key keeps the second write out, so a video never gets two reports.
+    sent = enq.send(stale, sessions=sessions, priority=0)
+    console.print(f"batch {batch_id}: {sent} videos sent to the describe queue")
 
 
 @cli.command(help="Counts by state, videos/minute and ETA (all videos, or one batch).")

@@ -15,26 +15,11 @@ from sqlalchemy import Boolean, Integer, and_, exists, select
 from sqlalchemy.orm import Session, aliased
 
 from db.models import Report, Video, VideoState
+from db.store import FLAT_FIELDS
 from producer.errors import ProducerError
 
-FIELDS = {
-    name: getattr(Report, name)
-    for name in (
-        "prompt_version",
-        "schema_version",
-        "model",
-        "adapter",
-        "valid",
-        "risk_factor",
-        "road_type",
-        "weather",
-        "visibility",
-        "time_of_day",
-        "traffic_density",
-        "pedestrian_on_road",
-        "tokens_out",
-    )
-}
+_NAMES = ("prompt_version", "schema_version", "model", "adapter", "valid", *FLAT_FIELDS)
+FIELDS = {name: getattr(Report, name) for name in (*_NAMES, "tokens_out")}
 _OPERATORS = {
     "<": lambda c, v: c < v,
     "<=": lambda c, v: c <= v,
@@ -116,3 +101,31 @@ def matching(
     for video_id, path, version in rows:
         seen.setdefault(video_id, Match(video_id, path, version))
     return list(seen.values())
+
+
+def requeue_videos(
+    *, session: Session, videos: list[Video], note: str, priority: int, frames: int
+) -> int:
+    """Put videos back to `queued` in a new batch (one submission each); its id."""
+    from db import store
+    from producer.enqueue import Outcome
+
+    batch = store.create_batch(
+        session=session, frames=frames, priority=priority, inputs=len(videos), note=note
+    )
+    for video in videos:
+        store.requeue_video(
+            session=session,
+            video=video,
+            batch_id=batch.id,
+            frames=video.frames or frames,
+            priority=priority,
+        )
+        store.add_submission(
+            session=session,
+            batch_id=batch.id,
+            path=video.path,
+            video_id=video.id,
+            outcome=Outcome.REQUEUED,
+        )
+    return batch.id

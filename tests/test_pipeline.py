@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -179,3 +180,96 @@ def test_enqueue_wait_describes_every_good_file_once(backend, request, tmp_path,
         assert {s.outcome for s in subs} == {"queued", "duplicate"}
         assert "notes.txt" not in {Path(p).name for p in session.scalars(select(Submission.path))}
     engine.dispose()
+
+
+def _states(database: str) -> dict[str, int]:
+    engine = make_engine(database)
+    with make_sessionmaker(engine)() as session:
+        rows = session.execute(select(Video.state, func.count()).group_by(Video.state)).all()
+    engine.dispose()
+    return {state.value: n for state, n in rows}
+
+
+def _wait_for(check, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+
+
+def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
+    tmp_path, tiny_model, redis_url, pg_url
+):
+    env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
+    env.update(
+        FLEETSCRIBE_CONSTRAINED="false",
+        FLEETSCRIBE_MAX_NEW_TOKENS="300",
+        FLEETSCRIBE_MIN_NEW_TOKENS="300",  # slow enough to be killed in the middle
+        FLEETSCRIBE_BATCH_SIZE="2",
+        FLEETSCRIBE_VISIBILITY_TIMEOUT="5",
+    )
+    folder = tmp_path / "videos"
+    count = 12
+    for i in range(count):
+        make_video(folder / f"clip_{i:02d}.mp4", seconds=1, fps=8, width=96, height=64, seed=i)
+    log = tmp_path / "worker.log"
+    with running_worker(env, log) as first:
+        sent = _run(["producer", "enqueue", str(folder)], env)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        _wait_for(
+            lambda: (s := _states(pg_url)).get("done", 0) >= 2 and s.get("running", 0) >= 1,
+            120,
+            "a batch in flight",
+            log,
+        )
+        first.kill()  # SIGKILL: no warm shutdown, its reserved messages stay unacknowledged
+        first.wait()
+    interrupted = _states(pg_url)
+    assert interrupted.get("done", 0) < count
+    with running_worker(env, tmp_path / "worker2.log"):
+        _wait_for(lambda: _states(pg_url).get("done") == count, 180, "every video done", log)
+
+    engine = make_engine(pg_url)
+    with make_sessionmaker(engine)() as session:
+        per_video = session.execute(
+            select(Report.video_id, func.count()).group_by(Report.video_id)
+        ).all()
+        attempts = session.scalars(select(Video.attempts)).all()
+    engine.dispose()
+    assert len(per_video) == count and all(n == 1 for _, n in per_video)
+    assert sum(attempts) > count  # the killed worker's videos really were run again
+
+
+def test_a_pickle_message_is_refused_and_never_runs(tmp_path, tiny_model, redis_url, sqlite_url):
+    from worker.app import make_app
+    from worker.settings import Settings
+
+    env = _env(tmp_path / "home", redis_url, sqlite_url, tiny_model)
+    env.update(FLEETSCRIBE_CONSTRAINED="false", FLEETSCRIBE_MAX_NEW_TOKENS="4")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "videos"
+    make_video(folder / "good.mp4", seconds=1, fps=8, width=96, height=64, seed=1)
+    log = tmp_path / "worker.log"
+    with running_worker(env, log):
+        # Sent the way Celery sends, declaring the queue, but serialised with pickle and
+        # carrying a payload that would run a command if it were ever unpickled.
+        app = make_app(Settings(broker_url=redis_url))
+        app.send_task(
+            "fleetscribe.describe",
+            kwargs={"video_id": Evil(), "path": "/x.mp4"},
+            queue="describe",
+            serializer="pickle",
+            task_id="evil-1",
+        )
+        # A good video after it is still described: the worker survived the bad message.
+        done = _run(["producer", "enqueue", str(folder), "--wait"], env)
+        assert done.returncode == 0, done.stdout + done.stderr + log.read_text()[-3000:]
+    assert not marker.exists()
+    text = log.read_text()
+    assert "untrusted content" in text and "pickle" in text, text[-3000:]

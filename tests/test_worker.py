@@ -224,3 +224,38 @@ def test_a_bad_requeue_condition_is_one_line_and_runs_nothing(runtime, tmp_path,
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_video_left_running_by_a_dead_worker_is_reaped_and_described_once(runtime, tmp_path):
+    from datetime import timedelta
+
+    from db.models import utcnow
+
+    stale_path = make_video(tmp_path / "videos" / "stale.mp4", seed=30)
+    busy_path = make_video(tmp_path / "videos" / "busy.mp4", seed=31)
+    stale, busy = _enqueued(runtime, stale_path), _enqueued(runtime, busy_path)
+    with session_scope(runtime.sessions) as session:
+        for vid, age in ((stale, timedelta(hours=2)), (busy, timedelta(seconds=5))):
+            video = session.get(Video, vid)
+            video.state, video.worker = VideoState.RUNNING, "gone-host:4242"
+            video.started_at, video.attempts = utcnow() - age, 1
+    env = _requeue_env(runtime)
+
+    dry = _cli(["producer", "reap", "--after", "3600", "--dry-run"], env, tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "1 videos running for more than 3600 s" in dry.stdout
+    assert str(stale_path) in dry.stdout and str(busy_path) not in dry.stdout
+
+    sent = _cli(["producer", "reap", "--after", "3600"], env, tmp_path)
+    assert sent.returncode == 0, sent.stderr
+    assert "1 videos sent" in sent.stdout
+    assert _video(runtime, stale).state == VideoState.QUEUED
+    assert _video(runtime, busy).state == VideoState.RUNNING  # still within its time
+    assert describe_video(runtime, video_id=stale, path=str(stale_path), frames=None) == "done"
+    # Its first message coming back late changes nothing: still one report.
+    assert describe_video(runtime, video_id=stale, path=str(stale_path), frames=None) == "done"
+    with session_scope(runtime.sessions) as session:
+        reports = session.scalars(select(Report).where(Report.video_id == stale)).all()
+    assert len(reports) == 1 and _video(runtime, stale).attempts == 2
+    again = _cli(["producer", "reap", "--after", "3600", "--dry-run"], env, tmp_path)
+    assert "0 videos running" in again.stdout

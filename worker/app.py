@@ -46,7 +46,7 @@ def celery_config(settings: Settings) -> dict:
     elif settings.broker_url.startswith(("redis://", "rediss://")):
         transport = {
             # Longer than any task may run, so a running task is never handed out twice.
-            "visibility_timeout": settings.task_time_limit * 2 + 600,
+            "visibility_timeout": settings.redelivery_after,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(MAX_PRIORITY + 1)),
             "sep": ":",

@@ -46,10 +46,14 @@ class Settings(BaseSettings):
     compile: bool = False
     video_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
-    # A task that runs past the soft limit is failed with a reason; past the hard limit
-    # its process is killed and replaced (a decoder that hangs cannot hold a worker).
+    # A task whose answer has not come within the soft limit fails with a reason. The hard
+    # limit sizes the Redis visibility timeout (an unacked message is not handed out again
+    # while its task may still run). The threads pool cannot kill a stuck thread.
     task_soft_time_limit: int = Field(600, ge=1)
     task_time_limit: int = Field(660, ge=1)
+    # Redis only: seconds before an unacknowledged message (its worker died) is handed to
+    # another worker. 0 = 2x task_time_limit + 600, longer than any task may run.
+    visibility_timeout: int = Field(0, ge=0)
     # The largest file the producer accepts; bigger files are rejected with a reason.
     max_video_bytes: int = Field(64 * 2**30, ge=1)
 
@@ -77,6 +81,11 @@ class Settings(BaseSettings):
                 "FLEETSCRIBE_TASK_TIME_LIMIT must be larger than FLEETSCRIBE_TASK_SOFT_TIME_LIMIT"
             )
         return self
+
+    @property
+    def redelivery_after(self) -> int:
+        """Seconds after which Redis hands an unacknowledged message out again."""
+        return self.visibility_timeout or self.task_time_limit * 2 + 600
 
     @property
     def db_url(self) -> str:
