@@ -47,10 +47,13 @@ def _env(home: Path, broker: str, database: str, model: Path) -> dict[str, str]:
 
 
 @contextmanager
-def running_worker(env: dict[str, str], log: Path, concurrency: int | None = None):
+def running_worker(
+    env: dict[str, str], log: Path, concurrency: int | None = None, name: str | None = None
+):
     """A real `python -m worker` process, stopped with SIGTERM (warm shutdown) afterwards."""
     cmd = [sys.executable, "-m", "worker"]
     cmd += [f"--concurrency={concurrency}"] if concurrency else []
+    cmd += [f"--name={name}"] if name else []
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             cmd,
@@ -273,3 +276,55 @@ def test_a_pickle_message_is_refused_and_never_runs(tmp_path, tiny_model, redis_
     assert not marker.exists()
     text = log.read_text()
     assert "untrusted content" in text and "pickle" in text, text[-3000:]
+
+
+LOAD_VIDEOS = 2000
+
+
+def test_two_thousand_videos_through_two_workers_none_lost_none_doubled(
+    tmp_path, tiny_model, redis_url, pg_url
+):
+    env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
+    env.update(
+        FLEETSCRIBE_CONSTRAINED="false",
+        FLEETSCRIBE_MAX_NEW_TOKENS="2",
+        FLEETSCRIBE_FRAMES="2",
+        FLEETSCRIBE_BATCH_SIZE="32",
+    )
+    folder = tmp_path / "videos"
+    for i in range(LOAD_VIDEOS):
+        make_video(
+            folder / f"{i // 100:02d}" / f"v{i:04d}.mp4",
+            seconds=0.5,
+            fps=4,
+            width=64,
+            height=48,
+            seed=i,
+        )
+    with (
+        running_worker(env, tmp_path / "worker1.log", name="load1@%h"),
+        running_worker(env, tmp_path / "worker2.log", name="load2@%h"),
+    ):
+        began = time.monotonic()
+        done = _run(["producer", "enqueue", str(folder), "--wait"], env, timeout=900)
+        elapsed = time.monotonic() - began
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    engine = make_engine(pg_url)
+    with make_sessionmaker(engine)() as session:
+        states = {
+            state: n
+            for state, n in session.execute(select(Video.state, func.count()).group_by(Video.state))
+        }
+        per_video = {
+            video: n
+            for video, n in session.execute(
+                select(Report.video_id, func.count()).group_by(Report.video_id)
+            )
+        }
+        hosts = session.scalars(select(Report.worker_host).distinct()).all()
+    engine.dispose()
+    assert states == {VideoState.DONE: LOAD_VIDEOS}  # none lost, failed or stuck
+    assert len(per_video) == LOAD_VIDEOS and set(per_video.values()) == {1}  # none doubled
+    assert len({h.split(":")[0] + h.rsplit(":", 1)[-1] for h in hosts}) == 2  # both worked
+    print(f"\n{LOAD_VIDEOS} videos in {elapsed:.0f} s: {LOAD_VIDEOS / elapsed * 60:.0f}/min")
