@@ -328,3 +328,92 @@ def test_two_thousand_videos_through_two_workers_none_lost_none_doubled(
     assert len(per_video) == LOAD_VIDEOS and set(per_video.values()) == {1}  # none doubled
     assert len({h.split(":")[0] + h.rsplit(":", 1)[-1] for h in hosts}) == 2  # both worked
     print(f"\n{LOAD_VIDEOS} videos in {elapsed:.0f} s: {LOAD_VIDEOS / elapsed * 60:.0f}/min")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A redis-server of the test's own, persisting every write (AOF, fsync always)."""
+    import redis
+
+    folder.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--dir",
+            str(folder),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client.ping()
+            return server
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _slow_env(tmp_path: Path, broker: str, database: str, model: Path) -> dict[str, str]:
+    env = _env(tmp_path / "home", broker, database, model)
+    env.update(
+        FLEETSCRIBE_CONSTRAINED="false",
+        FLEETSCRIBE_MAX_NEW_TOKENS="300",
+        FLEETSCRIBE_MIN_NEW_TOKENS="300",  # slow enough to be interrupted in the middle
+        FLEETSCRIBE_BATCH_SIZE="2",
+        FLEETSCRIBE_VISIBILITY_TIMEOUT="5",
+    )
+    return env
+
+
+def _one_report_each(database: str, count: int) -> None:
+    engine = make_engine(database)
+    with make_sessionmaker(engine)() as session:
+        per_video = session.execute(
+            select(Report.video_id, func.count()).group_by(Report.video_id)
+        ).all()
+    engine.dispose()
+    assert len(per_video) == count and all(n == 1 for _, n in per_video)
+
+
+def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tiny_model, pg_url):
+    port = _free_port()
+    server = _start_redis(port, tmp_path / "redis")
+    env = _slow_env(tmp_path, f"redis://127.0.0.1:{port}/0", pg_url, tiny_model)
+    count = 12
+    folder = tmp_path / "videos"
+    for i in range(count):
+        make_video(folder / f"clip_{i:02d}.mp4", seconds=1, fps=8, width=96, height=64, seed=i)
+    log = tmp_path / "worker.log"
+    try:
+        with running_worker(env, log):
+            sent = _run(["producer", "enqueue", str(folder)], env)
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            _wait_for(lambda: _states(pg_url).get("done", 0) >= 2, 120, "two videos done", log)
+            server.terminate()  # a clean stop writes the AOF; queued messages survive
+            server.wait()
+            time.sleep(2)
+            server = _start_redis(port, tmp_path / "redis")
+            _wait_for(lambda: _states(pg_url).get("done") == count, 180, "every video done", log)
+    finally:
+        server.terminate()
+        server.wait()
+    _one_report_each(pg_url, count)
+    assert "Connection to broker lost" in log.read_text() or "Cannot connect" in log.read_text()
