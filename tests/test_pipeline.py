@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import av
@@ -417,3 +417,84 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tiny_model, pg_url):
         server.wait()
     _one_report_each(pg_url, count)
     assert "Connection to broker lost" in log.read_text() or "Cannot connect" in log.read_text()
+
+
+class CuttableProxy:
+    """A TCP proxy to PostgreSQL that the test can cut (every connection dropped, new ones
+    refused) and restore, to play a database that goes away for a while."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.port = _free_port()
+        self.target = ("127.0.0.1", target_port)
+        self._socket, self._threading = socket, threading
+        self._open: list = []
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        listener = self._socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self._listener = listener
+        self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        self._listener.close()
+        for sock in self._open:
+            with suppress(OSError):
+                sock.shutdown(self._socket.SHUT_RDWR)
+            sock.close()
+        self._open.clear()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            upstream = self._socket.create_connection(self.target)
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with suppress(OSError):
+                    sock.close()
+
+
+def test_a_database_outage_mid_run_is_retried_until_it_is_back(
+    tmp_path, tiny_model, redis_url, pg_url
+):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    proxy = CuttableProxy(url.port or 5432)
+    through_proxy = url.set(port=proxy.port).render_as_string(hide_password=False)
+    env = _slow_env(tmp_path, redis_url, through_proxy, tiny_model)
+    count = 10
+    folder = tmp_path / "videos"
+    for i in range(count):
+        make_video(folder / f"clip_{i:02d}.mp4", seconds=1, fps=8, width=96, height=64, seed=i)
+    log = tmp_path / "worker.log"
+    with running_worker(env, log):
+        sent = _run(
+            ["producer", "enqueue", str(folder)], dict(env, FLEETSCRIBE_DATABASE_URL=pg_url)
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        _wait_for(lambda: _states(pg_url).get("done", 0) >= 2, 120, "two videos done", log)
+        proxy.cut()
+        time.sleep(6)  # the database is unreachable for the worker meanwhile
+        proxy.restore()
+        _wait_for(lambda: _states(pg_url).get("done") == count, 240, "every video done", log)
+    _one_report_each(pg_url, count)
+    assert "database unavailable" in log.read_text()  # it retried rather than failing
+    assert _states(pg_url) == {"done": count}
