@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from db.session import session_scope
 from producer.errors import BrokerUnavailable
 from worker.errors import VideoError
 from worker.settings import Settings
-from worker.video import VideoInfo, check_allowed, probe
+from worker.video import VideoInfo, check_allowed, check_file, probe
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ def inspect_file(path: str, settings: Settings) -> Inspected:
         result.reason = str(e)
         return result
     try:
-        result.size = _size(real)
+        result.size = check_file(real)  # before hashing: a FIFO would block the read
         if result.size > settings.max_video_bytes:
             raise VideoError(
                 f"file is {result.size / 2**30:.1f} GiB, over the "
@@ -84,13 +83,6 @@ def inspect_file(path: str, settings: Settings) -> Inspected:
     except OSError as e:
         result.reason = f"cannot read: {e.strerror or e}"
     return result
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        raise VideoError("no such file") from None
 
 
 def inspect_all(

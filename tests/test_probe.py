@@ -175,7 +175,7 @@ def test_missing_file(tmp_path):
 def test_fifo_is_not_a_regular_file(tmp_path):
     path = tmp_path / "pipe.mp4"
     os.mkfifo(path)
-    assert reason(path) == "not a regular file"
+    assert reason(path).startswith("not a regular file")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")

@@ -259,3 +259,15 @@ def test_a_video_left_running_by_a_dead_worker_is_reaped_and_described_once(runt
     assert len(reports) == 1 and _video(runtime, stale).attempts == 2
     again = _cli(["producer", "reap", "--after", "3600", "--dry-run"], env, tmp_path)
     assert "0 videos running" in again.stdout
+
+
+def test_a_fifo_named_like_a_video_is_rejected_without_blocking(runtime, tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir(exist_ok=True)
+    fifo = folder / "camera.mp4"
+    os.mkfifo(fifo)  # opening it to read would block until a writer comes: never
+    good = make_video(folder / "good.mp4", seed=40)
+    out = _cli(["producer", "enqueue", str(fifo), str(good)], _requeue_env(runtime), tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"rejected {fifo}: not a regular file" in out.stdout
+    assert "1 videos sent" in out.stdout

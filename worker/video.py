@@ -62,7 +62,11 @@ def check_allowed(path: str | os.PathLike, roots: list[Path]) -> Path:
     raise PathNotAllowed(f"outside FLEETSCRIBE_VIDEO_ROOTS: {path}")
 
 
-def _check_file(path: str) -> int:
+def check_file(path: str) -> int:
+    """The size of a readable, non-empty regular file; VideoError says why not.
+
+    A FIFO, device or socket is refused before anything opens it: reading one can block
+    for ever."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -74,7 +78,7 @@ def _check_file(path: str) -> int:
     if stat.S_ISDIR(st.st_mode):
         raise VideoError("is a directory, not a file")
     if not stat.S_ISREG(st.st_mode):
-        raise VideoError("not a regular file")
+        raise VideoError("not a regular file (a FIFO, device or socket): refused unread")
     if st.st_size == 0:
         raise VideoError("empty file (0 bytes)")
     if not os.access(path, os.R_OK):
@@ -211,7 +215,7 @@ def _first_frame(container, stream) -> av.VideoFrame:
 def probe(path: str | os.PathLike) -> VideoInfo:
     """Check that `path` is a usable video and describe it; VideoError says why not."""
     path = os.fspath(path)
-    size = _check_file(path)
+    size = check_file(path)
     with _open(path) as container:
         stream = _video_stream(container)
         first = _first_frame(container, stream)
@@ -304,7 +308,7 @@ def uniform_targets(start: float, duration: float, k: int) -> list[float]:
 def sample_frames(path: str | os.PathLike, k: int, *, max_side: int = 640) -> SampledVideo:
     """k frames uniformly spread over the video by timestamp, upright, long side <= max_side."""
     path = os.fspath(path)
-    size = _check_file(path)
+    size = check_file(path)
     with _open(path) as container:
         stream = _video_stream(container)
         stream.thread_type = "AUTO"
