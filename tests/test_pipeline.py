@@ -204,14 +204,7 @@ def _wait_for(check, timeout: float, what: str, log: Path) -> None:
 def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
     tmp_path, tiny_model, redis_url, pg_url
 ):
-    env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
-    env.update(
-        FLEETSCRIBE_CONSTRAINED="false",
-        FLEETSCRIBE_MAX_NEW_TOKENS="300",
-        FLEETSCRIBE_MIN_NEW_TOKENS="300",  # slow enough to be killed in the middle
-        FLEETSCRIBE_BATCH_SIZE="2",
-        FLEETSCRIBE_VISIBILITY_TIMEOUT="5",
-    )
+    env = _slow_env(tmp_path, redis_url, pg_url, tiny_model)
     folder = tmp_path / "videos"
     count = 12
     for i in range(count):
@@ -233,14 +226,11 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
     with running_worker(env, tmp_path / "worker2.log"):
         _wait_for(lambda: _states(pg_url).get("done") == count, 180, "every video done", log)
 
+    _one_report_each(pg_url, count)
     engine = make_engine(pg_url)
     with make_sessionmaker(engine)() as session:
-        per_video = session.execute(
-            select(Report.video_id, func.count()).group_by(Report.video_id)
-        ).all()
         attempts = session.scalars(select(Video.attempts)).all()
     engine.dispose()
-    assert len(per_video) == count and all(n == 1 for _, n in per_video)
     assert sum(attempts) > count  # the killed worker's videos really were run again
 
 
