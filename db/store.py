@@ -63,7 +63,8 @@ def add_submission(
 
 
 def requeue_video(*, session: Session, video: Video, batch_id: int, frames: int, priority: int):
-    """Send a failed video round again (a new submission asked for it)."""
+    """Put a video back to `queued` in `batch_id` (failed, requeued by prompt version, or
+    left running by a dead worker); the caller sends its message."""
     video.state = VideoState.QUEUED
     video.reason = None
     video.batch_id = batch_id

@@ -124,6 +124,30 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
         sys.exit(1)
 
 
+def _send_again(sessions, pick, *, note: str, priority: int, frames: int, dry_run: bool):
+    """List the videos `pick(session)` chooses and, unless a dry run, put them back to
+    `queued` in a new batch and send them. `pick` returns (videos, header, one line each).
+    Returns (batch id, videos sent), or None when nothing was sent."""
+    from db.session import session_scope
+    from producer import enqueue as enq
+    from producer.requeue import requeue_videos
+
+    with session_scope(sessions) as session:
+        videos, header, lines = pick(session)
+        console.print(header)
+        for line in lines[:_REASON_ROWS]:  # plain lines: easy to grep and to paste
+            console.print(line, soft_wrap=True)
+        if len(lines) > _REASON_ROWS:
+            console.print(f"... and {len(lines) - _REASON_ROWS} more")
+        if dry_run or not videos:
+            console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
+            return None
+        batch_id = requeue_videos(
+            session=session, videos=videos, note=note, priority=priority, frames=frames
+        )
+    return batch_id, enq.send(videos, sessions=sessions, priority=priority)
+
+
 @cli.command(help="Describe again the videos whose reports match --where (e.g. older prompt).")
 @click.option(
     "--where",
@@ -136,15 +160,14 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
 @click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
 def requeue(where_text, dry_run, priority, wait) -> None:
     from db.models import Video
-    from db.session import session_scope
     from models.prompt import PROMPT_VERSION
-    from producer import enqueue as enq
-    from producer.requeue import matching, parse_where, requeue_videos
+    from producer.requeue import matching, parse_where
 
     settings = load_settings()
     where = parse_where(where_text)
     sessions = _sessions(settings)
-    with session_scope(sessions) as session:
+
+    def pick(session):
         found = matching(
             session=session,
             where=where,
@@ -152,25 +175,21 @@ def requeue(where_text, dry_run, priority, wait) -> None:
             adapter=settings.adapter_name,
             prompt_version=PROMPT_VERSION,
         )
-        console.print(f"{len(found)} videos match: {where_text}")
-        for m in found[:_REASON_ROWS]:  # plain lines: easy to grep and to paste
-            console.print(
-                f"match {m.path} (video {m.video_id}, prompt v{m.prompt_version})", soft_wrap=True
-            )
-        if len(found) > _REASON_ROWS:
-            console.print(f"... and {len(found) - _REASON_ROWS} more")
-        if dry_run or not found:
-            console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
-            return
+        lines = [f"match {m.path} (video {m.video_id}, prompt v{m.prompt_version})" for m in found]
         videos = [session.get(Video, m.video_id) for m in found]
-        batch_id = requeue_videos(
-            session=session,
-            videos=videos,
-            note=f"requeue where {where_text}",
-            priority=priority,
-            frames=settings.frames,
-        )
-    sent = enq.send(videos, sessions=sessions, priority=priority)
+        return videos, f"{len(found)} videos match: {where_text}", lines
+
+    done = _send_again(
+        sessions,
+        pick,
+        note=f"requeue where {where_text}",
+        priority=priority,
+        frames=settings.frames,
+        dry_run=dry_run,
+    )
+    if done is None:
+        return
+    batch_id, sent = done
     console.print(
         f"batch {batch_id}: {sent} videos sent to the describe queue (prompt v{PROMPT_VERSION})"
     )
@@ -191,34 +210,29 @@ def reap(after, dry_run) -> None:
 
     from db import store
     from db.models import utcnow
-    from db.session import session_scope
-    from producer import enqueue as enq
-    from producer.requeue import requeue_videos
 
     settings = load_settings()
     after = after or 2 * settings.task_time_limit
     sessions = _sessions(settings)
-    with session_scope(sessions) as session:
-        stale = store.stale_running(session=session, older_than=utcnow() - timedelta(seconds=after))
-        console.print(f"{len(stale)} videos running for more than {after} s")
-        for video in stale[:_REASON_ROWS]:
-            console.print(
-                f"stale {video.path} (video {video.id}, worker {video.worker})", soft_wrap=True
-            )
-        if dry_run or not stale:
-            console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
-            return
-        batch_id = requeue_videos(
-            session=session,
-            videos=stale,
-            note=f"reap: running more than {after} s",
-            priority=0,
-            frames=settings.frames,
-        )
+
+    def pick(session):
+        older_than = utcnow() - timedelta(seconds=after)
+        stale = store.stale_running(session=session, older_than=older_than)
+        lines = [f"stale {v.path} (video {v.id}, worker {v.worker})" for v in stale]
+        return stale, f"{len(stale)} videos running for more than {after} s", lines
+
     # The video's own message may still come back too: the worker then finds its report,
     # or the unique key keeps the second write out, so a video never gets two reports.
-    sent = enq.send(stale, sessions=sessions, priority=0)
-    console.print(f"batch {batch_id}: {sent} videos sent to the describe queue")
+    done = _send_again(
+        sessions,
+        pick,
+        note=f"reap: running more than {after} s",
+        priority=0,
+        frames=settings.frames,
+        dry_run=dry_run,
+    )
+    if done is not None:
+        console.print(f"batch {done[0]}: {done[1]} videos sent to the describe queue")
 
 
 @cli.command(help="Counts by state, videos/minute and ETA (all videos, or one batch).")
