@@ -79,8 +79,9 @@ class Engine:
         constrained: bool = True,
     ):
         self.loaded = loaded
-        self.max_new_tokens = max_new_tokens
-        self.min_new_tokens = min_new_tokens  # benchmarks force a fixed answer length
+        # Benchmarks force a fixed answer length; never under the grammar, where it would
+        # force tokens past the closing brace.
+        self.min_new_tokens = 0 if constrained else min_new_tokens
         self.batch_size = batch_size
         self.prompt_version = PROMPT_VERSION
         self.on_cuda = loaded.device.startswith("cuda")
@@ -225,15 +226,13 @@ class Engine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.compute_dtype)
         prompt_len = inputs["input_ids"].shape[1]
         options: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
+            "max_new_tokens": self.answer_tokens,
             "min_new_tokens": self.min_new_tokens or None,
             "do_sample": False,
         }
         if self.grammar is not None:
             frames = [p.frames for p in batch]
             options["logits_processor"] = [self.grammar.logits_processor(frames)]
-            options["max_new_tokens"] = self.answer_tokens
-            options["min_new_tokens"] = None  # would force tokens past the closing brace
         if self.static_cache:
             options["cache_implementation"] = "static"
         if not self.compile:
