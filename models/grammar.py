@@ -135,6 +135,7 @@ class ReportGrammar:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._lock = threading.Lock()
+        self._batch = None  # xgrammar's thread pool for whole-batch masks, made on first use
 
     def compiled(self, frames: int):
         with self._lock:
@@ -144,8 +145,50 @@ class ReportGrammar:
     def _compile(self, frames: int):
         return self._compiler.compile_grammar(report_grammar(frames))
 
-    def logits_processor(self, frames_per_row: list[int]):
+    def logits_processor(self, frames_per_row: list[int]) -> GrammarProcessor:
         """A fresh processor for one `generate` call: one matcher per batch row."""
-        from xgrammar.contrib.hf import LogitsProcessor
+        if self._batch is None:
+            import xgrammar as xgr
 
-        return LogitsProcessor([self.compiled(k) for k in frames_per_row])
+            self._batch = xgr.BatchGrammarMatcher()
+        return GrammarProcessor([self.compiled(k) for k in frames_per_row], self._batch)
+
+
+class GrammarProcessor:
+    """A `generate` logits processor that masks every row to its grammar, batch-wise.
+
+    xgrammar's own HF processor (xgrammar.contrib.hf) reads each row's last token with one
+    `.item()` (a device sync each) and fills the rows' masks one after another in Python;
+    at 64 rows that costs ~20 ms a decode step. This one reads the tokens with one copy
+    and has xgrammar accept and fill all rows at once on its C++ threads."""
+
+    def __init__(self, grammars: list, batch_matcher):
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        self._batch = batch_matcher
+        self.matchers = [xgr.GrammarMatcher(g) for g in grammars]
+        self.bitmask = xgr.allocate_token_bitmask(
+            len(grammars), grammars[0].tokenizer_info.vocab_size
+        )
+        self._started = False
+
+    def __call__(self, input_ids, scores):
+        matchers = self.matchers
+        if self._started:  # the previous step's tokens, one per row
+            last = input_ids[:, -1].tolist()
+            live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+            accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(
+                [matchers[i] for i in live], [last[i] for i in live]
+            )
+            if not all(accepted):
+                raise RuntimeError("a token outside the grammar was chosen")
+        self._started = True
+        live = [i for i, m in enumerate(matchers) if not m.is_terminated()]
+        if live:
+            self._batch.batch_fill_next_token_bitmask(
+                [matchers[i] for i in live], self.bitmask, live
+            )
+        mask = self.bitmask.to(scores.device, non_blocking=True)
+        self._xgr.apply_token_bitmask_inplace(scores, mask)
+        return scores

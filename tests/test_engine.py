@@ -140,3 +140,36 @@ def test_one_broken_input_fails_alone_and_the_batcher_lives_on(loaded, videos, s
     # The GPU thread survived: a later video is still answered.
     _same([batcher.describe(engine.prepare(videos[3]), timeout=120)], [single[3]])
     batcher.close()
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_partial_batch_waits_for_videos_still_being_prepared(loaded, videos, announced):
+    """Slow preparations (decoding under load) arrive well apart: announced through
+    `preparing()`, they still go as one batch; unannounced, the idle timer splits them."""
+    engine = Engine(loaded, max_new_tokens=2, batch_size=4, constrained=False)
+    batcher = Batcher(engine, wait_s=0.05)
+    ready = [engine.prepare(v) for v in videos[:4]]
+    started = threading.Barrier(4)
+
+    def task(i: int) -> None:
+        started.wait()
+        if announced:
+            with batcher.preparing():
+                threading.Event().wait(0.3 * i)  # the i-th video takes 0.3 s more to prepare
+                pending = batcher.submit(ready[i])
+        else:
+            threading.Event().wait(0.3 * i)
+            pending = batcher.submit(ready[i])
+        pending.result(timeout=120)
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batcher.close()
+    assert batcher.stats.videos == 4
+    if announced:
+        assert batcher.stats.sizes == [4]
+    else:
+        assert len(batcher.stats.sizes) > 1

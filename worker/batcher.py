@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from worker.engine import Answer, Engine, Prepared
@@ -23,6 +24,10 @@ from worker.engine import Answer, Engine, Prepared
 log = logging.getLogger(__name__)
 
 _MAX_WAITS = 40  # a partial batch waits at most this many idle intervals (2 s at 50 ms)
+# While callers are still preparing videos (`preparing()`), a partial batch waits for them,
+# but never longer than this: a decode costs the same for 2 rows as for 64, so a batch
+# started early for a few ready videos would cost the others a whole extra decode.
+_MAX_GATHER_S = 10.0
 
 
 @dataclass
@@ -45,7 +50,22 @@ class Batcher:
         self._queue: queue.Queue[tuple[Prepared, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="fleetscribe-gpu", daemon=True)
         self._closed = False
+        self._preparing = 0  # callers between `preparing()` and `submit`
+        self._arrived = threading.Condition()
         self._thread.start()
+
+    @contextmanager
+    def preparing(self):
+        """Wrap a caller's CPU work (sampling, `engine.prepare`) and its `submit`, so a
+        partial batch knows more videos are on the way and waits for them."""
+        with self._arrived:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._arrived:
+                self._preparing -= 1
+                self._arrived.notify_all()
 
     def submit(self, prepared: Prepared) -> Future[Answer]:
         future: Future[Answer] = Future()
@@ -76,7 +96,8 @@ class Batcher:
 
         Decoding costs about the same per step for 2 rows as for 64, so a fuller batch is
         nearly free: keep gathering while videos keep arriving (each resets a `wait_s`
-        idle timer), but never past `_MAX_WAITS` x `wait_s` in all.
+        idle timer), but never past `_MAX_WAITS` x `wait_s` in all; while callers are
+        still preparing videos (`preparing()`), wait for them up to `_MAX_GATHER_S`.
         """
         first = self._queue.get()
         if first is None:
@@ -85,11 +106,16 @@ class Batcher:
         limit = self.engine.batch_limit(first[0].tokens)
         now = time.monotonic()
         idle_deadline, final_deadline = now + self.wait_s, now + _MAX_WAITS * self.wait_s
+        gather_deadline = now + _MAX_GATHER_S
         while len(batch) < limit:
-            timeout = min(idle_deadline, final_deadline) - time.monotonic()
+            now = time.monotonic()
+            if now >= gather_deadline or (now >= final_deadline and not self._preparing):
+                break
             try:
-                item = self._queue.get(timeout=max(0.0, timeout))
+                item = self._queue.get(timeout=max(0.0, idle_deadline - now))
             except queue.Empty:
+                if self._wait_for_preparing(gather_deadline):
+                    continue  # one arrived while others were still being prepared
                 break
             idle_deadline = time.monotonic() + self.wait_s
             if item is None:
@@ -97,6 +123,19 @@ class Batcher:
                 break
             batch.append(item)
         return batch
+
+    def _wait_for_preparing(self, deadline: float) -> bool:
+        """Wait until a video arrives while others are still being prepared.
+
+        False when nothing is being prepared (or the gather deadline passed): the batch
+        should run with what it has."""
+        with self._arrived:
+            while self._preparing and self._queue.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._arrived.wait(min(left, self.wait_s))
+            return not self._queue.empty()
 
     def _serve(self, batch: list[tuple[Prepared, Future]]) -> None:
         live = [(p, f) for p, f in batch if f.set_running_or_notify_cancel()]

@@ -84,10 +84,13 @@ def describe_video(rt: Runtime, *, video_id: int, path: str, frames: int | None)
         k = frames or video.frames or settings.frames
 
     try:
-        sampled = _sample(path, k, expected_bytes, settings)
-        prepared = engine.prepare(sampled)
-        # The GPU thread batches this video with the other tasks' videos.
-        answer = rt.batcher().describe(prepared, timeout=settings.task_soft_time_limit)
+        batcher = rt.batcher()
+        # The GPU thread batches this video with the other tasks' videos; while this one is
+        # decoded and preprocessed, a partial batch waits for it.
+        with batcher.preparing():
+            sampled = _sample(path, k, expected_bytes, settings)
+            pending = batcher.submit(engine.prepare(sampled))
+        answer = pending.result(timeout=settings.task_soft_time_limit)
     except (VideoError, EngineError) as e:
         rt.fail(video_id, str(e))
         return VideoState.FAILED.value
