@@ -13,8 +13,9 @@ from db.models import FINAL_STATES, VideoState
 from db.session import make_engine, make_sessionmaker, session_scope
 from models.schema import SCHEMA_VERSION, parse_report
 from worker.errors import EngineError, VideoError
+from worker.sampler import get_sampler
 from worker.settings import Settings, get_settings
-from worker.video import SampledVideo, check_allowed, sample_frames
+from worker.video import SampledVideo
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +127,14 @@ def describe_video(rt: Runtime, *, video_id: int, path: str, frames: int | None)
 
 
 def _sample(path: str, k: int, expected_bytes: int | None, settings: Settings) -> SampledVideo:
-    """The video's frames, if it is still the allowed, unchanged file that was enqueued."""
-    real = check_allowed(path, settings.video_roots)
-    size = os.path.getsize(real) if real.exists() else None
-    if size is None:
-        raise VideoError("the file is gone since it was enqueued")
-    if expected_bytes is not None and size != expected_bytes:
-        raise VideoError(
-            f"the file changed since it was enqueued ({size} bytes, was {expected_bytes})"
-        )
-    return sample_frames(real, k, max_side=settings.frame_max_side)
+    """The video's frames, if it is still the allowed, unchanged file that was enqueued.
+
+    Decoded in a child process that is killed after `decode_timeout_s` (worker/sampler.py):
+    a thread stuck in FFmpeg could never be stopped."""
+    return get_sampler(settings).sample(
+        path,
+        k,
+        expected_bytes=expected_bytes,
+        roots=settings.video_roots,
+        max_side=settings.frame_max_side,
+    )

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(0, ge=0)
     # The largest file the producer accepts; bigger files are rejected with a reason.
     max_video_bytes: int = Field(64 * 2**30, ge=1)
+    # Frames are decoded in child processes (worker/sampler.py): one whose video takes
+    # longer than this is killed and the video fails, so a hung decoder frees its slot.
+    decode_timeout_s: float = Field(120.0, gt=0)
+    # How many decoding processes a worker keeps; 0 = one per CPU core.
+    decode_processes: int = Field(0, ge=0)
+    # Heap cap of each decoding process in GiB (0: none): a decompression bomb fails alone.
+    decode_memory_gib: float = Field(4.0, ge=0)
 
     @field_validator("video_roots", mode="before")
     @classmethod

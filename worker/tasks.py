@@ -6,10 +6,12 @@ import logging
 from functools import lru_cache
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_shutdown
 from sqlalchemy.exc import OperationalError
 
 from worker.app import DESCRIBE_TASK, app
 from worker.describe import Runtime, describe_video
+from worker.sampler import close_sampler
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +20,12 @@ log = logging.getLogger(__name__)
 def runtime() -> Runtime:
     """This process's settings, database sessions and engine, made after the fork."""
     return Runtime.create()
+
+
+@worker_shutdown.connect
+def _stop_decoding(**_) -> None:
+    """The decoding processes (started on the first video) stop with the worker."""
+    close_sampler()
 
 
 def warm_up() -> None:

@@ -1,0 +1,166 @@
+"""Frame sampling in killable child processes.
+
+A worker's task slots are threads, and a thread stuck inside FFmpeg (a decoder that loops,
+a file whose open or read blocks) can never be stopped. So each video is decoded in a
+process of a small pool (pebble), and that process is killed when the video takes longer
+than `decode_timeout_s`. A process that dies (a decoder crash, the memory cap) fails only
+its own video; the pool starts a new one. The processes are spawned, never forked: the
+worker has CUDA up. Frames come back pickled (8 frames of 640x360 are about 5.5 MB).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from worker.errors import VideoError
+from worker.settings import Settings
+from worker.video import SampledVideo, check_allowed, sample_frames
+
+log = logging.getLogger(__name__)
+
+
+def sample_enqueued(
+    path: str, k: int, *, expected_bytes: int | None, roots: list[Path], max_side: int
+) -> SampledVideo:
+    """The video's frames, if it is still the allowed, unchanged file that was enqueued.
+
+    Runs in a decoding process: even resolving the path can block on a stalled mount."""
+    real = check_allowed(path, roots)
+    size = os.path.getsize(real) if real.exists() else None
+    if size is None:
+        raise VideoError("the file is gone since it was enqueued")
+    if expected_bytes is not None and size != expected_bytes:
+        raise VideoError(
+            f"the file changed since it was enqueued ({size} bytes, was {expected_bytes})"
+        )
+    return sample_frames(real, k, max_side=max_side)
+
+
+def _limit_memory(limit_bytes: int) -> None:
+    """Decoding process start-up: cap its heap, so a decompression bomb fails alone."""
+    if limit_bytes:
+        import resource
+
+        # RLIMIT_DATA counts what the process writes to (heap, frame buffers), not the
+        # address space reserved by thread stacks and malloc arenas, as RLIMIT_AS would.
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
+
+
+class Sampler:
+    """A pool of decoding processes, started on first use; `sample` is thread-safe."""
+
+    def __init__(self, *, processes: int, timeout_s: float, memory_gib: float):
+        self.processes = processes or os.cpu_count() or 1
+        self.timeout_s = timeout_s
+        self.memory_gib = memory_gib
+        self._lock = threading.Lock()
+        self._pool = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sampler:
+        return cls(
+            processes=settings.decode_processes,
+            timeout_s=settings.decode_timeout_s,
+            memory_gib=settings.decode_memory_gib,
+        )
+
+    def _live_pool(self, broken=None):
+        """The pool, made anew if it is missing or is `broken` (a pool that failed)."""
+        import multiprocessing
+
+        from pebble import ProcessPool
+
+        with self._lock:
+            if self._pool is not None and (self._pool is broken or not self._pool.active):
+                self._pool.stop()
+                self._pool = None
+            if self._pool is None:
+                self._pool = ProcessPool(
+                    max_workers=self.processes,
+                    initializer=_limit_memory,
+                    initargs=(int(self.memory_gib * 2**30),),
+                    context=multiprocessing.get_context("spawn"),
+                )
+            return self._pool
+
+    def sample(
+        self, path: str, k: int, *, expected_bytes: int | None, roots: list[Path], max_side: int
+    ) -> SampledVideo:
+        """`sample_enqueued` in a decoding process; VideoError says why it gave nothing."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        kwargs = {"expected_bytes": expected_bytes, "roots": roots, "max_side": max_side}
+        pool = self._live_pool()
+        try:
+            return self._run(pool, path, k, kwargs)
+        except BrokenProcessPool as e:
+            # pebble gives up on a pool whose processes all died while none ran a task
+            # (e.g. the OOM killer took an idle one): this video goes again, on a new pool
+            log.warning("decoding pool broken (%s); starting a new one", e)
+            return self._run(self._live_pool(broken=pool), path, k, kwargs)
+
+    def _run(self, pool, path: str, k: int, kwargs: dict) -> SampledVideo:
+        from pebble import ProcessExpired
+
+        future = pool.schedule(
+            sample_enqueued, args=(path, k), kwargs=kwargs, timeout=self.timeout_s
+        )
+        try:
+            return future.result()
+        except TimeoutError:
+            raise VideoError(
+                f"frame decoding took longer than {self.timeout_s:g} s; killed"
+            ) from None
+        except ProcessExpired as e:
+            raise VideoError(f"frame decoding crashed: {_death(e.exitcode)}") from None
+        except MemoryError:
+            raise VideoError(
+                f"frame decoding needs more than {self.memory_gib:g} GiB of memory"
+            ) from None
+
+    def close(self) -> None:
+        """Stop the decoding processes (a running decode is killed)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool.join(timeout=10)
+                self._pool = None
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"the decoding process died of {name}{hint}"
+    return f"the decoding process exited with status {exitcode}"
+
+
+_sampler: Sampler | None = None
+_sampler_lock = threading.Lock()
+
+
+def get_sampler(settings: Settings) -> Sampler:
+    """This process's sampler, made on first call; its processes stop at exit."""
+    global _sampler
+    with _sampler_lock:
+        if _sampler is None:
+            _sampler = Sampler.from_settings(settings)
+            atexit.register(close_sampler)
+        return _sampler
+
+
+def close_sampler() -> None:
+    """Stop this process's decoding processes, if any were started (worker shutdown)."""
+    global _sampler
+    with _sampler_lock:
+        sampler, _sampler = _sampler, None
+    if sampler is not None:
+        sampler.close()
