@@ -77,7 +77,7 @@ def xgrammar_ebnf(loaded, schema, batch):
     )
     grammar.compiled(8)
     compile_s = time.perf_counter() - began
-    return compile_s, lambda: {"logits_processor": [grammar.logits_processor([8] * batch)]}
+    return compile_s, lambda: grammar.generate_options([8] * batch)
 
 
 def outlines_schema(loaded, schema, batch):

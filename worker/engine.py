@@ -240,7 +240,7 @@ class Engine:
         }
         if self.grammar is not None:
             frames = [p.frames for p in batch]
-            options["logits_processor"] = [self.grammar.logits_processor(frames)]
+            options.update(self.grammar.generate_options(frames))
         if self.static_cache:
             options["cache_implementation"] = "static"
         if not self.compile:
