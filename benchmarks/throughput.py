@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -272,7 +273,7 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
     )
     worker_log = open(work / "worker.log", "wb")  # noqa: SIM115 - closed below
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--loglevel", "WARNING"],
+        [sys.executable, "-m", "worker", "--loglevel", "INFO"],  # INFO: the engine's batches
         cwd=ROOT,
         env=env,
         stdout=worker_log,
@@ -285,10 +286,16 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
             shutil.copy(path, warm / f"warm_{path.name}")  # same pixels, new bytes below
             with open(warm / f"warm_{path.name}", "ab") as f:
                 f.write(b"\0")  # a distinct sha256, so it is not a duplicate of the timed clip
-        _enqueue(warm, env)  # model load, static cache, first batch: not timed
+        _enqueue(warm, env, wait=True)  # model load, static cache, first batch: not timed
         log("end to end: worker warm")
+        # A worker with a full queue, as on an archive run: the clips are all queued while
+        # the worker is not consuming, then it starts on them. (Consuming while the
+        # producer probes and sends would time the producer's pace instead.)
+        _control(env, "cancel_consumer")
+        _enqueue(clips_dir, env, wait=False)
         began = time.perf_counter()
-        _enqueue(clips_dir, env)
+        _control(env, "add_consumer")
+        _wait_done(work, clips_dir, len(list(clips_dir.glob("*.mp4"))))
         elapsed = time.perf_counter() - began
     finally:
         worker.terminate()
@@ -301,15 +308,29 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
     count = len(list(clips_dir.glob("*.mp4")))
     span = _worker_span(work, clips_dir)
     row = _row("end to end: Redis + Celery worker", count, count * args.new_tokens, span, 0)
-    row["batch"] = "as the worker chose"
+    # The engine logs each batch it ran; the timed ones are those after the warm-up's.
+    text = (work / "worker.log").read_text(errors="replace")
+    sizes = [int(n) for n in re.findall(r"batch of (\d+) x \d+ tokens", text)]
+    row["batch"] = _sizes(_after_warm_up(sizes, args.batch_size))
+    row["worker_batches"] = sizes
     # From the first video claimed to the last report committed, against the engine alone;
-    # the producer's wall time (hashing, probing, polling) is reported beside it.
+    # the wall time from the consumer's start to the last report seen is reported beside it.
     row["queue_overhead"] = round(row["s_per_video"] / engine_row["s_per_video"] - 1, 3)
-    row["producer_wall_s"] = round(elapsed, 2)
+    row["wall_s"] = round(elapsed, 2)
     tail = (work / "worker.log").read_text(errors="replace")[-2000:]
     if worker.returncode not in (0, -15):
         row["worker_log_tail"] = tail
     return row
+
+
+def _after_warm_up(sizes: list[int], warm: int) -> list[int]:
+    """Drop the leading batches that served the warm-up's `warm` clips."""
+    served = 0
+    for i, size in enumerate(sizes):
+        if served >= warm:
+            return sizes[i:]
+        served += size
+    return []
 
 
 def _worker_span(work: Path, clips_dir: Path) -> float:
@@ -332,14 +353,53 @@ def _worker_span(work: Path, clips_dir: Path) -> float:
     return (last - first).total_seconds()
 
 
-def _enqueue(folder: Path, env: dict) -> None:
+def _enqueue(folder: Path, env: dict, *, wait: bool) -> None:
     subprocess.run(
-        [sys.executable, "-m", "producer", "enqueue", str(folder), "--wait"],
+        [sys.executable, "-m", "producer", "enqueue", str(folder), *(["--wait"] if wait else [])],
         cwd=ROOT,
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,
     )
+
+
+def _control(env: dict, command: str) -> None:
+    """Celery remote control of the describe queue's consumer (cancel_consumer/add_consumer)."""
+    from worker.app import DESCRIBE_QUEUE
+
+    subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "control", command, DESCRIBE_QUEUE],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def _wait_done(work: Path, clips_dir: Path, count: int, timeout_s: float = 3600) -> None:
+    """Poll the store until every clip of `clips_dir` is finished (done or failed)."""
+    from sqlalchemy import func, select
+
+    from db.models import FINAL_STATES, Video
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(f"sqlite:///{work / 'fleetscribe.db'}")
+    sessions = make_sessionmaker(engine)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            with sessions() as session:
+                finished = session.scalar(
+                    select(func.count()).where(
+                        Video.path.like(f"{clips_dir}%"), Video.state.in_(FINAL_STATES)
+                    )
+                )
+            if finished >= count:
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"end to end: {finished} of {count} clips finished in {timeout_s} s")
+    finally:
+        engine.dispose()
 
 
 def table(rows: list[dict], gpu: str) -> str:
