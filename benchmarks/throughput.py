@@ -143,6 +143,7 @@ def run_engine(
         memory_gib=memory_gib,
         compile=compile,
         constrained=constrained,
+        prefill_chunk=args.prefill_chunk,
     )
     if constrained and args.grammar_steps:
         # A random model fills every string to its bound (~2,300 tokens a report): cap the
@@ -269,6 +270,7 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
         FLEETSCRIBE_MIN_NEW_TOKENS=str(args.new_tokens),
         FLEETSCRIBE_CONSTRAINED="false",  # the same forced-length work as the engine row
         FLEETSCRIBE_BATCH_SIZE=str(args.batch_size),
+        FLEETSCRIBE_PREFILL_CHUNK=str(args.prefill_chunk),
         HF_HUB_OFFLINE="1",
     )
     worker_log = open(work / "worker.log", "wb")  # noqa: SIM115 - closed below
@@ -440,6 +442,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="0: whole prompts")
     parser.add_argument("--feeders", type=int, default=0, help="CPU threads (default 2x batch)")
     parser.add_argument("--clip-seconds", type=float, default=8.0)
     parser.add_argument("--compile", action="store_true", help="also try the compiled engine")

@@ -173,3 +173,18 @@ def test_a_partial_batch_waits_for_videos_still_being_prepared(loaded, videos, a
         assert batcher.stats.sizes == [4]
     else:
         assert len(batcher.stats.sizes) > 1
+
+
+def test_chunked_prefill_changes_no_answer(loaded, videos, single):
+    """Prompts prefilled 64 tokens at a time (into a static cache, left-padded batch)
+    answer exactly as each video alone, prefilled whole."""
+    engine = Engine(
+        loaded,
+        max_new_tokens=10,
+        batch_size=8,
+        static_cache=True,
+        prefill_chunk=64,
+        constrained=False,
+    )
+    assert max(engine.prepare(v).tokens for v in videos) > 2 * 64  # several chunks each
+    _same(engine.describe(videos), single)

@@ -77,6 +77,7 @@ class Engine:
         compile: bool = False,
         min_new_tokens: int = 0,
         constrained: bool = True,
+        prefill_chunk: int = 0,
     ):
         self.loaded = loaded
         # Benchmarks force a fixed answer length; never under the grammar, where it would
@@ -89,6 +90,7 @@ class Engine:
         # every step; on the CPU the dynamic cache is as fast and uses less memory.
         self.static_cache = self.on_cuda if static_cache is None else static_cache
         self.compile = compile
+        self.prefill_chunk = prefill_chunk
         # Schema-constrained decoding (models/grammar.py): every answer is a valid report.
         self.grammar = _report_grammar(loaded) if constrained else None
         # The longest answer a batch may need room for (static cache, memory sizing): under
@@ -124,6 +126,7 @@ class Engine:
             compile=settings.compile,
             min_new_tokens=settings.min_new_tokens,
             constrained=settings.constrained,
+            prefill_chunk=settings.prefill_chunk,
         )
 
     # -- CPU side -------------------------------------------------------------------------
@@ -203,7 +206,12 @@ class Engine:
                 raise
             # A compiler failure (an unsupported op, a Triton build error) must not fail
             # videos: the eager path gives the same answers, only slower.
-            log.warning("compiled decode failed (%s: %s); running uncompiled", type(e).__name__, e)
+            log.warning(
+                "compiled decode failed (%s: %s); running uncompiled",
+                type(e).__name__,
+                e,
+                exc_info=True,  # the compiler's traceback says what to fix
+            )
             self.compile = False
             return self._generate_or_split(batch)
         # Retry only out here: inside the except block the traceback still holds the failed
@@ -243,6 +251,9 @@ class Engine:
             options.update(self.grammar.generate_options(frames))
         if self.static_cache:
             options["cache_implementation"] = "static"
+        if self.prefill_chunk and prompt_len > self.prefill_chunk:
+            # transformers runs the vision encoder once, then the prompt in chunks.
+            options["prefill_chunk_size"] = self.prefill_chunk
         if not self.compile:
             options["disable_compile"] = True
         with self._lock, torch.inference_mode():

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     min_new_tokens: int = Field(0, ge=0, le=8192)
     # torch.compile the decoding step (CUDA graphs); the first batch of each shape is slow.
     compile: bool = False
+    # Prefill prompts this many tokens at a time (0: whole): the prefill's activations, about
+    # half of a batch's peak memory with whole prompts, shrink, so more videos fit a batch.
+    prefill_chunk: int = Field(512, ge=0)
     video_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
     # A task whose answer has not come within the soft limit fails with a reason. The hard
