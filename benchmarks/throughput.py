@@ -122,7 +122,7 @@ def run_engine(
     clips: list[Path],
     args,
     memory_gib: float,
-    compile: bool,
+    compile: str,
     constrained: bool = False,
     new_tokens: int | None = None,
 ) -> dict:
@@ -174,7 +174,11 @@ def run_engine(
     # All of this process's CPU time (FFmpeg's decoder threads included) except the GPU
     # thread's: what decoding and preprocessing cost per video.
     feeding_cpu = time.process_time() - cpu_began - stats.cpu_s
-    name = "engine" + (" + compile" if compile else "") + (" + grammar" if constrained else "")
+    # An engine whose compiler failed fell back to eager decoding: say so in its name.
+    compiled = (
+        f" + compile {compile}" if engine.compile else (" (compile failed)" if compile else "")
+    )
+    name = "engine" + compiled + (" + grammar" if constrained else "")
     if new_tokens != args.new_tokens:
         name += f" ({new_tokens} tokens)"
     row = _row(name, len(clips), sum(a.tokens_out for a in answers), elapsed, batch=stats.sizes)
@@ -221,25 +225,27 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
     log(f"{name}: model loaded ({loaded.compute_dtype})")
     rows = [run_seed(loaded, clips[: args.seed_videos], args)]
     log(f"{name}: seed's way done: {rows[-1]}")
-    rows.append(run_engine(loaded, clips, args, cap, compile=False))
+    rows.append(run_engine(loaded, clips, args, cap, compile=""))
     log(f"{name}: engine done: {rows[-1]}")
     if args.grammar and name == args.settings.split(",")[0]:
         # Constrained answers end where the grammar says; the cost of the constraint is its
         # time against the unconstrained engine forced to the same number of decode steps.
-        constrained = run_engine(loaded, clips, args, cap, compile=False, constrained=True)
+        constrained = run_engine(loaded, clips, args, cap, compile="", constrained=True)
         steps = constrained["mean_batch_steps"]
         same, extra = rows[-1], []  # the engine row: forced to --new-tokens steps
         if steps != same["mean_batch_steps"]:
-            same = run_engine(loaded, clips, args, cap, compile=False, new_tokens=steps)
+            same = run_engine(loaded, clips, args, cap, compile="", new_tokens=steps)
             extra = [same]
         constrained["grammar_cost"] = round(constrained["seconds"] / same["seconds"] - 1, 3)
         rows += [constrained, *extra]
         log(f"{name}: grammar done: cost {constrained['grammar_cost']}")
-    if args.compile:
+    for mode in filter(None, args.compile.split(",")):
         try:
-            rows.append(run_engine(loaded, clips, args, cap, compile=True))
+            rows.append(run_engine(loaded, clips, args, cap, compile=mode))
         except Exception as e:  # report it; the uncompiled figures stand
-            rows.append({"path": "engine + compile", "error": f"{type(e).__name__}: {e}"[:300]})
+            rows.append(
+                {"path": f"engine + compile {mode}", "error": f"{type(e).__name__}: {e}"[:300]}
+            )
     for row in rows:
         row.update(setting=name, compute=str(loaded.compute_dtype), memory_cap_gib=cap)
         if "s_per_video" in row:
@@ -445,7 +451,11 @@ def main() -> int:
     parser.add_argument("--prefill-chunk", type=int, default=512, help="0: whole prompts")
     parser.add_argument("--feeders", type=int, default=0, help="CPU threads (default 2x batch)")
     parser.add_argument("--clip-seconds", type=float, default=8.0)
-    parser.add_argument("--compile", action="store_true", help="also try the compiled engine")
+    parser.add_argument(
+        "--compile",
+        default="",
+        help="also the compiled engine, per torch.compile mode: default,reduce-overhead",
+    )
     parser.add_argument("--grammar", action="store_true", help="also the constrained engine")
     parser.add_argument(
         "--grammar-steps",

@@ -40,6 +40,7 @@ def test_defaults_are_the_embedded_mode(monkeypatch, tmp_path):
         ("FLEETSCRIBE_QUANT", "int3", "FLEETSCRIBE_QUANT"),
         ("FLEETSCRIBE_FRAMES", "65", "FLEETSCRIBE_FRAMES"),
         ("FLEETSCRIBE_TASK_TIME_LIMIT", "10", "FLEETSCRIBE_TASK_TIME_LIMIT"),
+        ("FLEETSCRIBE_COMPILE", "max-speed", "FLEETSCRIBE_COMPILE"),
     ],
 )
 def test_a_bad_value_is_named(monkeypatch, name, value, words):
@@ -50,3 +51,12 @@ def test_a_bad_value_is_named(monkeypatch, name, value, words):
             load_settings()
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "value, mode",
+    [("true", "reduce-overhead"), ("0", "off"), ("default", "default"), ("OFF", "off")],
+)
+def test_compile_takes_a_mode_or_a_flag(monkeypatch, value, mode):
+    monkeypatch.setenv("FLEETSCRIBE_COMPILE", value)
+    assert Settings().compile == mode

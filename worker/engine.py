@@ -74,7 +74,7 @@ class Engine:
         batch_size: int,
         memory_gib: float = 0.0,
         static_cache: bool | None = None,
-        compile: bool = False,
+        compile: str = "",
         min_new_tokens: int = 0,
         constrained: bool = True,
         prefill_chunk: int = 0,
@@ -89,7 +89,8 @@ class Engine:
         # A static cache is allocated once per batch shape instead of growing by a concat at
         # every step; on the CPU the dynamic cache is as fast and uses less memory.
         self.static_cache = self.on_cuda if static_cache is None else static_cache
-        self.compile = compile
+        # torch.compile mode of the decode step ("default", "reduce-overhead"); "" = eager.
+        self.compile = "" if compile in ("", "off") else compile
         self.prefill_chunk = prefill_chunk
         # Schema-constrained decoding (models/grammar.py): every answer is a valid report.
         self.grammar = _report_grammar(loaded) if constrained else None
@@ -104,7 +105,7 @@ class Engine:
         self._bytes_per_token: float | None = None  # measured after each batch
         self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
         self._memory_cap = _apply_memory_cap(loaded.device, memory_gib) if self.on_cuda else 0
-        if compile and loaded.quant == "nf4":
+        if self.compile and loaded.quant == "nf4":
             _allow_compiling_nf4(loaded.model)
 
     @property
@@ -197,23 +198,26 @@ class Engine:
     def _generate_or_split(self, batch: list[Prepared]) -> list[Answer]:
         import torch
 
+        out_of_memory = False
         try:
             return self._generate(batch)
         except torch.OutOfMemoryError:
-            pass
+            out_of_memory = True
         except Exception as e:
             if not self.compile:
                 raise
             # A compiler failure (an unsupported op, a Triton build error) must not fail
             # videos: the eager path gives the same answers, only slower.
             log.warning(
-                "compiled decode failed (%s: %s); running uncompiled",
+                "compiled decode (%s) failed (%s: %s); running uncompiled",
+                self.compile,
                 type(e).__name__,
                 e,
                 exc_info=True,  # the compiler's traceback says what to fix
             )
-            self.compile = False
-            return self._generate_or_split(batch)
+            self.compile = ""
+        if not out_of_memory:
+            return self._generate_or_split(batch)  # uncompiled, outside the handler
         # Retry only out here: inside the except block the traceback still holds the failed
         # batch's activations and KV cache, so every retry would run out of memory too.
         if self.on_cuda:
@@ -254,7 +258,11 @@ class Engine:
         if self.prefill_chunk and prompt_len > self.prefill_chunk:
             # transformers runs the vision encoder once, then the prompt in chunks.
             options["prefill_chunk_size"] = self.prefill_chunk
-        if not self.compile:
+        if self.compile:
+            from transformers import CompileConfig
+
+            options["compile_config"] = CompileConfig(mode=self.compile)
+        else:
             options["disable_compile"] = True
         with self._lock, torch.inference_mode():
             if self.on_cuda:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     constrained: bool = True
     # Suppress the stop token until this many new tokens (benchmarks: fixed answer length).
     min_new_tokens: int = Field(0, ge=0, le=8192)
-    # torch.compile the decoding step (CUDA graphs); the first batch of each shape is slow.
-    compile: bool = False
+    # torch.compile the decode step: off, default (fused kernels) or reduce-overhead (and
+    # CUDA graphs); the first batch of each shape compiles (minutes). true = reduce-overhead.
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
     # Prefill prompts this many tokens at a time (0: whole): the prefill's activations, about
     # half of a batch's peak memory with whole prompts, shrink, so more videos fit a batch.
     prefill_chunk: int = Field(512, ge=0)
@@ -66,6 +67,16 @@ class Settings(BaseSettings):
     decode_processes: int = Field(0, ge=0)
     # Heap cap of each decoding process in GiB (0: none): a decompression bomb fails alone.
     decode_memory_gib: float = Field(4.0, ge=0)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value):
+        if isinstance(value, bool):
+            return "reduce-overhead" if value else "off"
+        flag = str(value).strip().lower()
+        return {"true": "reduce-overhead", "1": "reduce-overhead", "false": "off", "0": "off"}.get(
+            flag, flag
+        )
 
     @field_validator("video_roots", mode="before")
     @classmethod
