@@ -20,6 +20,13 @@ import numpy as np
 from worker.errors import PathNotAllowed, VideoError
 
 MAX_SIDE = 8192  # larger frames are refused: no dash-cam records them, decoders choke on them
+MAX_PIXELS = 8192 * 4320  # 35.4 megapixels: DCI 8K; a larger picture is refused too
+# Reaching a sampled time costs every frame decoded from the keyframe before it. Dash-cams
+# write a keyframe every second or two; a file that needs more than this many pixels
+# decoded to reach one time (about 4,000 frames of 1080p or 1,000 of 4K) is refused rather
+# than decoded for hours: e.g. a static picture with one keyframe, a few MB that decode to
+# terabytes (a decompression bomb).
+MAX_PIXELS_PER_SEEK = 8 * 2**30
 _MAX_PACKETS_TO_FIRST_FRAME = 600
 # Within this many seconds ahead of the decoder, decoding on is cheaper than a seek.
 _SEEK_GAP_S = 2.0
@@ -195,6 +202,39 @@ def _fps(stream) -> float | None:
     return float(rate) if rate else None
 
 
+def _check_size(width: int, height: int) -> None:
+    if max(width, height) > MAX_SIDE:
+        raise VideoError(f"resolution {width}x{height} is larger than {MAX_SIDE} px a side")
+    if width * height > MAX_PIXELS:
+        raise VideoError(
+            f"resolution {width}x{height} is more than {MAX_PIXELS / 1e6:.1f} megapixels"
+        )
+
+
+class _Budget:
+    """The pixels decoded to reach one time: a picture too large, or a keyframe too far
+    back (a decompression bomb), stops decoding with a VideoError instead of running on."""
+
+    def __init__(self) -> None:
+        self.pixels = 0
+        self.frames = 0
+
+    def reset(self) -> None:
+        self.pixels = self.frames = 0
+
+    def charge(self, frame: av.VideoFrame, target: float | None = None) -> None:
+        _check_size(frame.width, frame.height)
+        self.pixels += frame.width * frame.height
+        self.frames += 1
+        if self.pixels > MAX_PIXELS_PER_SEEK:
+            goal = "a sampled frame" if target is None else f"{target:.1f} s"
+            raise VideoError(
+                f"too costly to decode: {self.frames} frames ({self.pixels / 1e9:.1f} gigapixels)"
+                f" decoded without reaching {goal}; keyframes too far apart"
+                " (a decompression bomb?)"
+            )
+
+
 def _first_frame(container, stream) -> av.VideoFrame:
     packets = 0
     try:
@@ -222,8 +262,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         width, height = first.width, first.height
         if not width or not height:
             raise VideoError("the video stream has no picture size")
-        if max(width, height) > MAX_SIDE:
-            raise VideoError(f"resolution {width}x{height} is larger than {MAX_SIDE} px a side")
+        _check_size(width, height)
         duration = _header_duration(container, stream)
         frame_count = stream.frames or None
         if duration is None or not frame_count:
@@ -269,11 +308,15 @@ def _check_tail(container, stream, duration: float) -> None:
     """A file cut short still declares its full duration: check a frame decodes near the end."""
     start = _stream_start(stream)
     target = start + duration * 0.9
+    budget = _Budget()
     try:
         container.seek(int(target / stream.time_base), stream=stream, backward=True)
         for frame in container.decode(stream):
             if frame.time is None or frame.time >= start + duration * 0.5:
                 return
+            budget.charge(frame, start + duration * 0.5)
+    except MemoryError:
+        raise
     except av.FFmpegError:
         pass
     raise VideoError(f"truncated: no frame decodes past half of the declared {duration:.1f} s")
@@ -311,6 +354,8 @@ def sample_frames(path: str | os.PathLike, k: int, *, max_side: int = 640) -> Sa
     size = check_file(path)
     with _open(path) as container:
         stream = _video_stream(container)
+        # the headers' size, before any frame is decoded (each decoded frame is checked too)
+        _check_size(stream.codec_context.width or 0, stream.codec_context.height or 0)
         stream.thread_type = "AUTO"
         start = _stream_start(stream)
         duration = _header_duration(container, stream)
@@ -339,6 +384,7 @@ def _seek_and_decode(container, stream, targets: list[float]) -> list[tuple[floa
     """For each target time, the decoded frame nearest to it; duplicates dropped."""
     fps = _fps(stream)
     picked: list[tuple[float, av.VideoFrame]] = []
+    budget = _Budget()
     decoder = None
     prev: tuple[float, av.VideoFrame] | None = None
     index = 0
@@ -355,8 +401,10 @@ def _seek_and_decode(container, stream, targets: list[float]) -> list[tuple[floa
             decoder = container.decode(stream)
             prev = None
         chosen = None
+        budget.reset()
         try:
             for frame in decoder:
+                budget.charge(frame, target)
                 t = _frame_time(frame, index, fps)
                 index += 1
                 if t >= target:
@@ -367,6 +415,8 @@ def _seek_and_decode(container, stream, targets: list[float]) -> list[tuple[floa
                     prev = (t, frame)
                     break
                 prev = (t, frame)
+        except MemoryError:
+            raise  # av.MemoryError is an FFmpegError too, but not a damaged tail
         except av.FFmpegError:
             pass  # a damaged tail: keep what decoded
         if chosen is None:
@@ -383,12 +433,17 @@ def _by_index(container, stream, count: int, k: int) -> list[tuple[float, av.Vid
     fps = _fps(stream)
     wanted = set(uniform_indices(count, k)) if count else None
     out = []
+    budget = _Budget()
     try:
         for i, frame in enumerate(container.decode(stream)):
+            budget.charge(frame)
             if wanted is None or i in wanted:
                 out.append((_frame_time(frame, i, fps), frame))
+                budget.reset()
             if len(out) >= (k if wanted is None else len(wanted)):
                 break
+    except MemoryError:
+        raise
     except av.FFmpegError:
         pass
     return out
