@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
 from models.loader import Quant
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
+# Docker-secrets style: a folder holding one file per setting, named like its variable in
+# lower case (fleetscribe_broker_url, fleetscribe_database_url), so passwords need not sit
+# in the environment. A variable that is set wins over its file.
+SECRETS_DIR_VARIABLE = "FLEETSCRIBE_SECRETS_DIR"
+_URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/]*@")
 
 
 class Settings(BaseSettings):
@@ -78,6 +91,27 @@ class Settings(BaseSettings):
             flag, flag
         )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        folder = os.environ.get(SECRETS_DIR_VARIABLE)
+        if folder:
+            if not Path(folder).is_dir():
+                raise SettingsError(f"{SECRETS_DIR_VARIABLE}: {folder} is not a directory")
+            file_secret_settings = SecretsSettingsSource(settings_cls, secrets_dir=folder)
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
+
+    def __repr_args__(self):
+        # A logged or printed settings object shows no password.
+        for name, value in super().__repr_args__():
+            yield name, hide_password(value) if name in _URL_FIELDS else value
+
     @field_validator("video_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: object) -> object:
@@ -128,6 +162,14 @@ class Settings(BaseSettings):
     def adapter_name(self) -> str:
         """The adapter as stored on reports: '' for the bare base model."""
         return self.adapter or ""
+
+
+_URL_FIELDS = ("broker_url", "database_url")
+
+
+def hide_password(url: str) -> str:
+    """`url` with the password of its user part, if any, replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
 
 
 @lru_cache
