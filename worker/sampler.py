@@ -46,8 +46,9 @@ def _limit_memory(limit_bytes: int) -> None:
     if limit_bytes:
         import resource
 
-        # RLIMIT_DATA counts what the process writes to (heap, frame buffers), not the
-        # address space reserved by thread stacks and malloc arenas, as RLIMIT_AS would.
+        # RLIMIT_DATA counts memory the process can write to (heap, frame buffers, thread
+        # stacks); RLIMIT_AS would also count address space reserved and never used (each
+        # malloc arena reserves 64 MiB), which a decoder's many threads inflate.
         resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
 
 
@@ -119,6 +120,8 @@ class Sampler:
         except ProcessExpired as e:
             raise VideoError(f"frame decoding crashed: {_death(e.exitcode)}") from None
         except MemoryError:
+            if not self.memory_gib:
+                raise VideoError("frame decoding ran out of memory") from None
             raise VideoError(
                 f"frame decoding needs more than {self.memory_gib:g} GiB of memory"
             ) from None
