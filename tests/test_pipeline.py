@@ -48,10 +48,15 @@ def _env(home: Path, broker: str, database: str, model: Path) -> dict[str, str]:
 
 @contextmanager
 def running_worker(
-    env: dict[str, str], log: Path, concurrency: int | None = None, name: str | None = None
+    env: dict[str, str],
+    log: Path,
+    concurrency: int | None = None,
+    name: str | None = None,
+    loglevel: str | None = None,
 ):
     """A real `python -m worker` process, stopped with SIGTERM (warm shutdown) afterwards."""
     cmd = [sys.executable, "-m", "worker"]
+    cmd += ["--loglevel", loglevel] if loglevel else []
     cmd += [f"--concurrency={concurrency}"] if concurrency else []
     cmd += [f"--name={name}"] if name else []
     with open(log, "wb") as out:

@@ -4,17 +4,14 @@ reach a log or the command line's output, even at DEBUG level and when they are 
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from test_pipeline import ROOT, _env, _free_port, _run
+from test_pipeline import _env, _free_port, _run, running_worker
 
 from db.models import Video, VideoState
 from db.session import make_engine, make_sessionmaker
@@ -61,28 +58,6 @@ def pg_password(pg_url):
     return f"postgresql://{user}:{password}@{rest}", password
 
 
-@contextmanager
-def debug_worker(env: dict[str, str], log: Path):
-    """`python -m worker --loglevel DEBUG`, stopped with SIGTERM afterwards."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--loglevel", "DEBUG"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def _secrets_env(tmp_path: Path, model: Path, broker: str, database: str) -> dict[str, str]:
     """The environment of a deployment whose URLs lie in a docker-secrets style folder."""
     folder = tmp_path / "secrets"
@@ -106,7 +81,7 @@ def test_urls_from_a_secrets_folder_are_used_and_never_shown(
     env = _secrets_env(tmp_path, tiny_model, broker, database)
     clip = make_video(tmp_path / "videos" / "a.mp4", seconds=1, fps=8, width=96, height=64)
     log = tmp_path / "worker.log"
-    with debug_worker(env, log):
+    with running_worker(env, log, loglevel="DEBUG"):
         outputs = [
             _run(["producer", "enqueue", str(clip), "--wait"], env),
             _run(["producer", "status"], env),
@@ -141,7 +116,7 @@ def test_a_refused_password_is_not_shown_either(tmp_path, tiny_model, redis_pass
     assert "did not accept messages" in sent.stderr and "Traceback" not in sent.stderr
 
     log = tmp_path / "worker.log"
-    with debug_worker(env, log) as worker:
+    with running_worker(env, log, loglevel="DEBUG") as worker:
         deadline = time.monotonic() + 45
         while "Cannot connect" not in log.read_text():
             assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
