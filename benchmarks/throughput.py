@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,9 +219,10 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
     from models.loader import load_describer
 
     compute, cap = SETTINGS[name]
-    if cap and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(cap * 2**30 / total)
+    if torch.cuda.is_available():  # before loading: the seed's way runs under the cap too
+        from worker.engine import apply_memory_cap
+
+        apply_memory_cap("cuda", cap)
     loaded = load_describer(str(model_dir), quant=args.quant, compute=compute)
     log(f"{name}: model loaded ({loaded.compute_dtype})")
     rows = [run_seed(loaded, clips[: args.seed_videos], args)]
@@ -341,26 +343,6 @@ def _after_warm_up(sizes: list[int], warm: int) -> list[int]:
     return []
 
 
-def _worker_span(work: Path, clips_dir: Path) -> float:
-    from sqlalchemy import func, select
-
-    from db.models import Video
-    from db.session import make_engine, make_sessionmaker
-
-    engine = make_engine(f"sqlite:///{work / 'fleetscribe.db'}")
-    with make_sessionmaker(engine)() as session:
-        first, last, done = session.execute(
-            select(
-                func.min(Video.started_at),
-                func.max(Video.finished_at),
-                func.count().filter(Video.state == "done"),
-            ).where(Video.path.like(f"{clips_dir}%"))
-        ).one()
-    engine.dispose()
-    print(f"end to end: {done} clips done", flush=True)
-    return (last - first).total_seconds()
-
-
 def _enqueue(folder: Path, env: dict, *, wait: bool) -> None:
     subprocess.run(
         [sys.executable, "-m", "producer", "enqueue", str(folder), *(["--wait"] if wait else [])],
@@ -384,17 +366,44 @@ def _control(env: dict, command: str) -> None:
     )
 
 
+@contextmanager
+def _e2e_store(work: Path):
+    """Sessions on the end-to-end run's SQLite store, disposed afterwards."""
+    from db.session import make_engine, make_sessionmaker
+
+    engine = make_engine(f"sqlite:///{work / 'fleetscribe.db'}")
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def _worker_span(work: Path, clips_dir: Path) -> float:
+    from sqlalchemy import func, select
+
+    from db.models import Video
+
+    with _e2e_store(work) as sessions, sessions() as session:
+        first, last, done = session.execute(
+            select(
+                func.min(Video.started_at),
+                func.max(Video.finished_at),
+                func.count().filter(Video.state == "done"),
+            ).where(Video.path.like(f"{clips_dir}%"))
+        ).one()
+    print(f"end to end: {done} clips done", flush=True)
+    return (last - first).total_seconds()
+
+
 def _wait_done(work: Path, clips_dir: Path, count: int, timeout_s: float = 3600) -> None:
     """Poll the store until every clip of `clips_dir` is finished (done or failed)."""
     from sqlalchemy import func, select
 
     from db.models import FINAL_STATES, Video
-    from db.session import make_engine, make_sessionmaker
 
-    engine = make_engine(f"sqlite:///{work / 'fleetscribe.db'}")
-    sessions = make_sessionmaker(engine)
+    finished = 0
     deadline = time.monotonic() + timeout_s
-    try:
+    with _e2e_store(work) as sessions:
         while time.monotonic() < deadline:
             with sessions() as session:
                 finished = session.scalar(
@@ -405,9 +414,7 @@ def _wait_done(work: Path, clips_dir: Path, count: int, timeout_s: float = 3600)
             if finished >= count:
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"end to end: {finished} of {count} clips finished in {timeout_s} s")
-    finally:
-        engine.dispose()
+    raise TimeoutError(f"end to end: {finished} of {count} clips finished in {timeout_s} s")
 
 
 def table(rows: list[dict], gpu: str) -> str:

@@ -104,7 +104,7 @@ class Engine:
         self._lock = threading.Lock()  # one generate at a time on the device
         self._bytes_per_token: float | None = None  # measured after each batch
         self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
-        self._memory_cap = _apply_memory_cap(loaded.device, memory_gib) if self.on_cuda else 0
+        self._memory_cap = apply_memory_cap(loaded.device, memory_gib) if self.on_cuda else 0
         if self.compile and loaded.quant == "nf4":
             _allow_compiling_nf4(loaded.model)
 
@@ -323,7 +323,7 @@ def _estimated_bytes_per_token(loaded: LoadedModel) -> float:
     return float(kv + activations)
 
 
-def _apply_memory_cap(device: str, memory_gib: float) -> int:
+def apply_memory_cap(device: str, memory_gib: float) -> int:
     """Cap this process's CUDA allocations (FLEETSCRIBE_GPU_MEMORY_GIB); 0 means the card."""
     if not memory_gib:
         return 0
