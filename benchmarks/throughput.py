@@ -169,6 +169,7 @@ def run_engine(
     _, warm = run(clips[: min(len(clips), args.batch_size)])
     log(f"engine warm-up: batches {warm.sizes} in {warm.busy_s:.1f} s")
     _reset_peak()
+    engine.peak_memory = 0  # the engine resets the CUDA peak each batch; it keeps its own
     began, cpu_began = time.perf_counter(), time.process_time()
     answers, stats = run(clips)
     elapsed = time.perf_counter() - began
@@ -183,6 +184,7 @@ def run_engine(
     if new_tokens != args.new_tokens:
         name += f" ({new_tokens} tokens)"
     row = _row(name, len(clips), sum(a.tokens_out for a in answers), elapsed, batch=stats.sizes)
+    row["peak_gib"] = max(row["peak_gib"], round(engine.peak_memory / 2**30, 2))
     per_video_cpu = feeding_cpu / len(clips)
     row["gpu_thread_cpu_share"] = round(stats.cpu_s / max(stats.busy_s, 1e-9), 2)
     row["cpu_s_per_video"] = round(per_video_cpu, 3)
@@ -323,6 +325,9 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
     sizes = [int(n) for n in re.findall(r"batch of (\d+) x \d+ tokens", text)]
     row["batch"] = _sizes(_after_warm_up(sizes, args.batch_size))
     row["worker_batches"] = sizes
+    # The worker's own GPU peak (this process's says nothing about it).
+    peaks = [float(g) for g in re.findall(r"batch of \d+: peak ([\d.]+) GiB", text)]
+    row["peak_gib"] = max(peaks, default=0.0)
     # From the first video claimed to the last report committed, against the engine alone;
     # the wall time from the consumer's start to the last report seen is reported beside it.
     row["queue_overhead"] = round(row["s_per_video"] / engine_row["s_per_video"] - 1, 3)

@@ -103,6 +103,8 @@ class Engine:
             self.answer_tokens = max(max_new_tokens, worst_case_chars(MAX_FRAMES) + 1)
         self._lock = threading.Lock()  # one generate at a time on the device
         self._bytes_per_token: float | None = None  # measured after each batch
+        # The most GPU memory any batch has used (weights included), since the last reset.
+        self.peak_memory = 0
         self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
         self._memory_cap = apply_memory_cap(loaded.device, memory_gib) if self.on_cuda else 0
         if self.compile and loaded.quant == "nf4":
@@ -280,10 +282,14 @@ class Engine:
         """Remember the peak bytes a batch used per token, to size the next batches."""
         import torch
 
-        peak = torch.cuda.max_memory_allocated(self.loaded.device) - base
+        total = torch.cuda.max_memory_allocated(self.loaded.device)
+        self.peak_memory = max(self.peak_memory, total)
+        peak = total - base
         per_token = peak / (rows * (prompt_len + self.answer_tokens))
         self._bytes_per_token = max(per_token, self._bytes_per_token or 0.0)
-        log.info("batch of %d: peak %.2f GiB above the weights", rows, peak / 2**30)
+        log.info(
+            "batch of %d: peak %.2f GiB, %.2f above the weights", rows, total / 2**30, peak / 2**30
+        )
 
     def _decode(self, new, prompt_tokens: list[int], elapsed: float) -> list[Answer]:
         tokenizer = self.loaded.processor.tokenizer
