@@ -17,12 +17,14 @@ from db.models import Video, VideoState
 from db.session import session_scope
 from producer.errors import BrokerUnavailable
 from worker.errors import VideoError
+from worker.sampler import KillablePool
 from worker.settings import Settings
 from worker.video import VideoInfo, check_allowed, check_file, probe
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_PROBES = 4  # probing processes (hashing and probing are mostly I/O)
 
 
 class Outcome:
@@ -88,14 +90,33 @@ def inspect_file(path: str, settings: Settings) -> Inspected:
 def inspect_all(
     paths: list[str], settings: Settings, *, on_done: Callable[[Inspected], None] | None = None
 ) -> list[Inspected]:
-    """Inspect files on a few threads (hashing and PyAV release the GIL); input order kept."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = []
-        for result in pool.map(lambda p: inspect_file(p, settings), paths):
-            if on_done:
-                on_done(result)
-            results.append(result)
+    """Inspect files in a few killable processes (a file whose open or read blocks, or
+    whose probe crashes, is rejected alone, after `probe_timeout_s`); input order kept."""
+    if not paths:
+        return []
+    pool = KillablePool(
+        processes=min(_PROBES, len(paths)),
+        timeout_s=settings.probe_timeout_s,
+        memory_gib=settings.decode_memory_gib,
+        what="probing",
+    )
+    try:
+        with ThreadPoolExecutor(max_workers=pool.processes) as threads:
+            results = []
+            for result in threads.map(lambda p: _inspect_in(pool, p, settings), paths):
+                if on_done:
+                    on_done(result)
+                results.append(result)
+    finally:
+        pool.close()
     return results
+
+
+def _inspect_in(pool: KillablePool, path: str, settings: Settings) -> Inspected:
+    try:
+        return pool.run(inspect_file, path, settings)
+    except VideoError as e:  # killed past the timeout, crashed, or over the memory cap
+        return Inspected(path, reason=str(e))
 
 
 def _video_fields(item: Inspected, *, batch_id: int, frames: int, priority: int) -> dict:

@@ -140,6 +140,25 @@ def test_a_decoder_that_blocks_is_killed_and_the_worker_goes_on(poison_env, tmp_
         assert worker.poll() is None
 
 
+def test_a_file_whose_open_blocks_is_rejected_by_the_producer_and_the_rest_are_sent(poison_env):
+    env, folder, database = poison_env
+    env["FLEETSCRIBE_PROBE_TIMEOUT_S"] = "3"
+    names = ["a.mp4", "stuck.mp4", "b.mp4"]
+    for i, name in enumerate(names):
+        _clip(folder / name, seed=i)
+    with write_lease(folder / "stuck.mp4") as opened:
+        # well before the kernel breaks the lease (45 s): the probe must be killed instead
+        sent = _run(["producer", "enqueue", str(folder)], env, timeout=40)
+        assert opened.is_set()  # the producer really did try to open it, and blocked
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    reason = "probing took longer than 3 s; killed"
+    assert f"rejected {folder / 'stuck.mp4'}: {reason}" in sent.stdout
+    assert "2 videos sent" in sent.stdout
+    videos = _videos(database)
+    assert (videos["stuck.mp4"].state, videos["stuck.mp4"].reason) == (VideoState.REJECTED, reason)
+    assert {videos[n].state for n in ("a.mp4", "b.mp4")} == {VideoState.QUEUED}
+
+
 def test_a_decoder_crash_fails_its_video_only(poison_env, tmp_path):
     env, folder, database = poison_env
     env["FLEETSCRIBE_DECODE_TIMEOUT_S"] = "60"
@@ -158,9 +177,7 @@ def test_a_decoder_crash_fails_its_video_only(poison_env, tmp_path):
         os.kill(blocked[0], signal.SIGSEGV)
         videos = _wait_final(database, ["crash.mp4"], 30, log)
         assert videos["crash.mp4"].state.value == "failed"
-        assert videos["crash.mp4"].reason == (
-            "frame decoding crashed: the decoding process died of SIGSEGV"
-        )
+        assert videos["crash.mp4"].reason == ("frame decoding crashed: its process died of SIGSEGV")
 
         _clip(folder / "after.mp4", seed=9)
         again = _run(["producer", "enqueue", str(folder / "after.mp4"), "--wait"], env)

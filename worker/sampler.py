@@ -1,4 +1,4 @@
-"""Frame sampling in killable child processes.
+"""Frame sampling (and the producer's probing) in killable child processes.
 
 A worker's task slots are threads, and a thread stuck inside FFmpeg (a decoder that loops,
 a file whose open or read blocks) can never be stopped. So each video is decoded in a
@@ -6,6 +6,7 @@ process of a small pool (pebble), and that process is killed when the video take
 than `decode_timeout_s`. A process that dies (a decoder crash, the memory cap) fails only
 its own video; the pool starts a new one. The processes are spawned, never forked: the
 worker has CUDA up. Frames come back pickled (8 frames of 640x360 are about 5.5 MB).
+The producer hashes and probes files through the same kind of pool (`KillablePool`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from worker.errors import VideoError
 from worker.settings import Settings
 from worker.video import SampledVideo, check_allowed, sample_frames
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def sample_enqueued(
@@ -52,23 +57,18 @@ def _limit_memory(limit_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
 
 
-class Sampler:
-    """A pool of decoding processes, started on first use; `sample` is thread-safe."""
+class KillablePool:
+    """Spawned processes, started on first use, that run calls past which `timeout_s` they
+    are killed; `run` is thread-safe and turns a timeout, a crash or the memory cap into a
+    VideoError whose message starts with `what` ("frame decoding", "probing")."""
 
-    def __init__(self, *, processes: int, timeout_s: float, memory_gib: float):
+    def __init__(self, *, processes: int, timeout_s: float, memory_gib: float, what: str):
         self.processes = processes or os.cpu_count() or 1
         self.timeout_s = timeout_s
         self.memory_gib = memory_gib
+        self.what = what
         self._lock = threading.Lock()
         self._pool = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Sampler:
-        return cls(
-            processes=settings.decode_processes,
-            timeout_s=settings.decode_timeout_s,
-            memory_gib=settings.decode_memory_gib,
-        )
 
     def _live_pool(self, broken=None):
         """The pool, made anew if it is missing or is `broken` (a pool that failed)."""
@@ -89,50 +89,68 @@ class Sampler:
                 )
             return self._pool
 
-    def sample(
-        self, path: str, k: int, *, expected_bytes: int | None, roots: list[Path], max_side: int
-    ) -> SampledVideo:
-        """`sample_enqueued` in a decoding process; VideoError says why it gave nothing."""
+    def run(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
+        """`fn(*args, **kwargs)` in one of the processes (`fn` and its arguments pickle)."""
         from concurrent.futures.process import BrokenProcessPool
 
-        kwargs = {"expected_bytes": expected_bytes, "roots": roots, "max_side": max_side}
         pool = self._live_pool()
         try:
-            return self._run(pool, path, k, kwargs)
+            return self._run(pool, fn, args, kwargs)
         except BrokenProcessPool as e:
             # pebble gives up on a pool whose processes all died while none ran a task
-            # (e.g. the OOM killer took an idle one): this video goes again, on a new pool
-            log.warning("decoding pool broken (%s); starting a new one", e)
-            return self._run(self._live_pool(broken=pool), path, k, kwargs)
+            # (e.g. the OOM killer took an idle one): this call goes again, on a new pool
+            log.warning("%s pool broken (%s); starting a new one", self.what, e)
+            return self._run(self._live_pool(broken=pool), fn, args, kwargs)
 
-    def _run(self, pool, path: str, k: int, kwargs: dict) -> SampledVideo:
+    def _run(self, pool, fn, args: tuple, kwargs: dict):
         from pebble import ProcessExpired
 
-        future = pool.schedule(
-            sample_enqueued, args=(path, k), kwargs=kwargs, timeout=self.timeout_s
-        )
+        future = pool.schedule(fn, args=args, kwargs=kwargs, timeout=self.timeout_s)
         try:
             return future.result()
         except TimeoutError:
-            raise VideoError(
-                f"frame decoding took longer than {self.timeout_s:g} s; killed"
-            ) from None
+            raise VideoError(f"{self.what} took longer than {self.timeout_s:g} s; killed") from None
         except ProcessExpired as e:
-            raise VideoError(f"frame decoding crashed: {_death(e.exitcode)}") from None
+            raise VideoError(f"{self.what} crashed: {_death(e.exitcode)}") from None
         except MemoryError:
             if not self.memory_gib:
-                raise VideoError("frame decoding ran out of memory") from None
+                raise VideoError(f"{self.what} ran out of memory") from None
             raise VideoError(
-                f"frame decoding needs more than {self.memory_gib:g} GiB of memory"
+                f"{self.what} needs more than {self.memory_gib:g} GiB of memory"
             ) from None
 
     def close(self) -> None:
-        """Stop the decoding processes (a running decode is killed)."""
+        """Stop the processes (a running call is killed)."""
         with self._lock:
             if self._pool is not None:
                 self._pool.stop()
                 self._pool.join(timeout=10)
                 self._pool = None
+
+
+class Sampler(KillablePool):
+    """The worker's decoding processes; `sample` is thread-safe."""
+
+    def __init__(self, *, processes: int, timeout_s: float, memory_gib: float):
+        super().__init__(
+            processes=processes, timeout_s=timeout_s, memory_gib=memory_gib, what="frame decoding"
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sampler:
+        return cls(
+            processes=settings.decode_processes,
+            timeout_s=settings.decode_timeout_s,
+            memory_gib=settings.decode_memory_gib,
+        )
+
+    def sample(
+        self, path: str, k: int, *, expected_bytes: int | None, roots: list[Path], max_side: int
+    ) -> SampledVideo:
+        """`sample_enqueued` in a decoding process; VideoError says why it gave nothing."""
+        return self.run(
+            sample_enqueued, path, k, expected_bytes=expected_bytes, roots=roots, max_side=max_side
+        )
 
 
 def _death(exitcode: int | None) -> str:
@@ -142,8 +160,8 @@ def _death(exitcode: int | None) -> str:
         except ValueError:
             name = f"signal {-exitcode}"
         hint = " (out of memory?)" if name == "SIGKILL" else ""
-        return f"the decoding process died of {name}{hint}"
-    return f"the decoding process exited with status {exitcode}"
+        return f"its process died of {name}{hint}"
+    return f"its process exited with status {exitcode}"
 
 
 _sampler: Sampler | None = None
