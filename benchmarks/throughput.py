@@ -150,7 +150,7 @@ def run_engine(
         # A random model fills every string to its bound (~2,300 tokens a report): cap the
         # answer so the grammar's per-step cost is measured over the same steps as the
         # unconstrained row (the cut answers are not valid reports; their cost is real).
-        engine.answer_tokens = args.grammar_steps
+        engine.answer_tokens = engine.first_pass_tokens = args.grammar_steps
 
     def feed(batcher: Batcher, path: Path):
         with batcher.preparing():  # as the worker's task threads do

@@ -10,7 +10,7 @@ import torch
 
 from models.prompt import build_messages
 from worker.batcher import Batcher
-from worker.engine import Engine, Prepared
+from worker.engine import Answer, Engine, Prepared
 from worker.errors import EngineError
 
 
@@ -78,13 +78,13 @@ class OutOfMemoryAbove(Engine):
         self.fits = fits
         self.tried: list[int] = []
 
-    def _generate(self, batch):
+    def _generate(self, batch, answer_tokens):
         # A retry inside the except block would keep the failed batch's memory alive.
         assert sys.exc_info()[0] is None, "retried while the OOM exception was alive"
         self.tried.append(len(batch))
         if len(batch) > self.fits:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return super()._generate(batch)
+        return super()._generate(batch, answer_tokens)
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_every_answer(loaded, videos, single):
@@ -140,6 +140,39 @@ def test_one_broken_input_fails_alone_and_the_batcher_lives_on(loaded, videos, s
     # The GPU thread survived: a later video is still answered.
     _same([batcher.describe(engine.prepare(videos[3]), timeout=120)], [single[3]])
     batcher.close()
+
+
+class TwoPasses(Engine):
+    """No model: the first pass finishes rows 0 and 2 of a batch; the second pass (the
+    whole bound, for rows 1 and 3) waits until the test lets it go."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.second_pass = threading.Event()
+        self.go_on = threading.Event()
+
+    def _in_batches(self, prepared, answer_tokens):
+        if answer_tokens == self.first_pass_tokens:
+            return [Answer("first", 1, answer_tokens, 0.1, finished=i % 2 == 0) for i in range(4)]
+        self.second_pass.set()
+        assert self.go_on.wait(30)
+        return [Answer("second", 1, 9, 0.2) for _ in prepared]
+
+
+def test_finished_answers_are_handed_out_before_the_second_pass(loaded):
+    engine = TwoPasses(loaded, max_new_tokens=10, batch_size=4, first_pass_tokens=8)
+    assert engine.first_pass_tokens == 8 < engine.answer_tokens
+    batcher = Batcher(engine, wait_s=0.5)
+    futures = [batcher.submit(Prepared({"input_ids": torch.zeros(1, 5)})) for _ in range(4)]
+    assert engine.second_pass.wait(30)
+    # while the long answers are described again, the finished ones are already out
+    assert [f.done() for f in futures] == [True, False, True, False]
+    assert [futures[i].result().text for i in (0, 2)] == ["first", "first"]
+    engine.go_on.set()
+    again = [futures[i].result(timeout=30) for i in (1, 3)]
+    assert [(a.text, round(a.latency_s, 2)) for a in again] == [("second", 0.3)] * 2
+    batcher.close()
+    assert batcher.stats.sizes == [4]
 
 
 @pytest.mark.parametrize("announced", [True, False])

@@ -4,6 +4,7 @@ valid reports, batched or not."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import xgrammar as xgr
@@ -108,7 +109,7 @@ def test_hundreds_of_varied_videos_all_get_valid_reports(loaded, random_videos):
     assert not any(parse_report(a.text, frames=8).valid for a in free_answers)
 
 
-def test_constrained_batched_output_equals_one_at_a_time(loaded, random_videos):
+def test_constrained_batched_output_equals_one_at_a_time(loaded, random_videos, caplog):
     videos = random_videos(8, seed=5, max_frames=8)
     engine = Engine(loaded, max_new_tokens=16, batch_size=8)
     batched = engine.describe(videos)
@@ -118,3 +119,14 @@ def test_constrained_batched_output_equals_one_at_a_time(loaded, random_videos):
         parse_report(a.text, frames=len(v.timestamps)).valid
         for a, v in zip(batched, videos, strict=True)
     )
+
+    # Two passes: the batch first has room for fewer answer tokens than some answers need
+    # (the median); those are described again with room for the whole bound: same answers.
+    lengths = sorted(a.tokens_out for a in batched)
+    first_pass = lengths[len(lengths) // 2]
+    two_pass = Engine(loaded, max_new_tokens=16, batch_size=8, first_pass_tokens=first_pass)
+    with caplog.at_level(logging.INFO, logger="worker.engine"):
+        again = two_pass.describe(videos)
+    assert [a.text for a in again] == [a.text for a in batched]
+    longer = sum(n > first_pass for n in lengths)
+    assert f"{longer} of 8 answers still going at {first_pass} tokens" in caplog.text

@@ -142,19 +142,27 @@ class Batcher:
         if not live:
             return
         began, cpu_began = time.perf_counter(), time.thread_time()
+        answered: set[int] = set()  # answers handed out before a second pass
+
+        def ready(i: int, answer: Answer) -> None:
+            live[i][1].set_result(answer)
+            answered.add(i)
+
         try:
-            answers = self.engine.generate([p for p, _ in live])
+            answers = self.engine.generate([p for p, _ in live], ready=ready)
         except Exception as e:
-            if len(live) == 1:
-                live[0][1].set_exception(e)
+            rest = [item for i, item in enumerate(live) if i not in answered]
+            if len(rest) == 1:
+                rest[0][1].set_exception(e)
                 return
             # One bad input must not fail its batch-mates: run them one by one.
-            log.warning("batch of %d failed (%s); retrying its videos singly", len(live), e)
-            for item in live:
+            log.warning("batch of %d failed (%s); retrying its videos singly", len(rest), e)
+            for item in rest:
                 self._serve_one(*item)
             return
-        for (_, future), answer in zip(live, answers, strict=True):
-            future.set_result(answer)
+        for i, ((_, future), answer) in enumerate(zip(live, answers, strict=True)):
+            if i not in answered:
+                future.set_result(answer)
         self.stats.batches += 1
         self.stats.videos += len(live)
         self.stats.busy_s += time.perf_counter() - began

@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ class Answer:
     tokens_out: int
     latency_s: float
     batch_size: int = 1
+    finished: bool = True  # the model ended it (stop token), rather than the token limit
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Engine:
         min_new_tokens: int = 0,
         constrained: bool = True,
         prefill_chunk: int = 0,
+        first_pass_tokens: int = 0,
     ):
         self.loaded = loaded
         # Benchmarks force a fixed answer length; never under the grammar, where it would
@@ -101,6 +104,13 @@ class Engine:
             from models.grammar import MAX_FRAMES, worst_case_chars
 
             self.answer_tokens = max(max_new_tokens, worst_case_chars(MAX_FRAMES) + 1)
+        # Under the grammar, batches first run with room for this many answer tokens (0: the
+        # whole bound). The few answers still being written then are described again, with
+        # room for the whole bound: so memory is sized for real answers, not the longest
+        # admitted, and an answer that runs long no longer holds its whole batch.
+        self.first_pass_tokens = self.answer_tokens
+        if constrained and 0 < first_pass_tokens < self.answer_tokens:
+            self.first_pass_tokens = first_pass_tokens
         self._lock = threading.Lock()  # one generate at a time on the device
         self._bytes_per_token: float | None = None  # measured after each batch
         # The most GPU memory any batch has used (weights included), since the last reset.
@@ -130,6 +140,7 @@ class Engine:
             min_new_tokens=settings.min_new_tokens,
             constrained=settings.constrained,
             prefill_chunk=settings.prefill_chunk,
+            first_pass_tokens=settings.first_pass_tokens,
         )
 
     # -- CPU side -------------------------------------------------------------------------
@@ -170,18 +181,49 @@ class Engine:
         """One answer per video, in order (prepares on this thread, then generates)."""
         return self.generate([self.prepare(v) for v in videos])
 
-    def generate(self, prepared: list[Prepared]) -> list[Answer]:
-        """Answers for prepared videos, in order, in as few batches as memory allows."""
+    def generate(
+        self, prepared: list[Prepared], ready: Callable[[int, Answer], None] | None = None
+    ) -> list[Answer]:
+        """Answers for prepared videos, in order, in as few batches as memory allows.
+
+        Under the grammar, answers still going after the first pass are described again
+        with room for the whole bound; `ready(i, answer)` gets each finished answer of the
+        first pass before that, so its caller need not wait for the second pass."""
+        answers = self._in_batches(prepared, self.first_pass_tokens)
+        long = [i for i, a in enumerate(answers) if not a.finished]
+        if not long or self.first_pass_tokens == self.answer_tokens:
+            return answers
+        if ready is not None:
+            for i, answer in enumerate(answers):
+                if answer.finished:
+                    ready(i, answer)
+        log.info(
+            "%d of %d answers still going at %d tokens; again with room for %d",
+            len(long),
+            len(answers),
+            self.first_pass_tokens,
+            self.answer_tokens,
+        )
+        # Greedy decoding starts these rows the same way again; now they have room for the
+        # longest answer the grammar admits, so none is ever cut off.
+        again = self._in_batches([prepared[i] for i in long], self.answer_tokens)
+        for i, answer in zip(long, again, strict=True):
+            answer.latency_s += answers[i].latency_s
+            answers[i] = answer
+        return answers
+
+    def _in_batches(self, prepared: list[Prepared], answer_tokens: int) -> list[Answer]:
         answers: list[Answer] = []
         start = 0
         while start < len(prepared):
-            size = self.batch_limit(max(p.tokens for p in prepared[start:]))
-            answers += self._generate_or_split(prepared[start : start + size])
+            size = self.batch_limit(max(p.tokens for p in prepared[start:]), answer_tokens)
+            answers += self._generate_or_split(prepared[start : start + size], answer_tokens)
             start += size
         return answers
 
-    def batch_limit(self, tokens: int) -> int:
-        """How many videos of about `tokens` prompt tokens one batch may hold."""
+    def batch_limit(self, tokens: int, answer_tokens: int | None = None) -> int:
+        """How many videos of about `tokens` prompt tokens one batch may hold, each with
+        room for `answer_tokens` (default: the first pass's)."""
         limit = min(self.batch_size, self._oom_limit or self.batch_size)
         if not self.on_cuda:
             return limit
@@ -194,15 +236,15 @@ class Engine:
             usable = min(usable, self._memory_cap)
         budget = usable * _HEADROOM - torch.cuda.memory_allocated(device)
         per_token = self._bytes_per_token or _estimated_bytes_per_token(self.loaded)
-        per_video = per_token * (tokens + self.answer_tokens)
+        per_video = per_token * (tokens + (answer_tokens or self.first_pass_tokens))
         return max(1, min(limit, int(budget // per_video)))
 
-    def _generate_or_split(self, batch: list[Prepared]) -> list[Answer]:
+    def _generate_or_split(self, batch: list[Prepared], answer_tokens: int) -> list[Answer]:
         import torch
 
         out_of_memory = False
         try:
-            return self._generate(batch)
+            return self._generate(batch, answer_tokens)
         except torch.OutOfMemoryError:
             out_of_memory = True
         except Exception as e:
@@ -218,8 +260,8 @@ class Engine:
                 exc_info=True,  # the compiler's traceback says what to fix
             )
             self.compile = ""
-        if not out_of_memory:
-            return self._generate_or_split(batch)  # uncompiled, outside the handler
+        if not out_of_memory:  # a compiler error: again uncompiled, outside the handler
+            return self._generate_or_split(batch, answer_tokens)
         # Retry only out here: inside the except block the traceback still holds the failed
         # batch's activations and KV cache, so every retry would run out of memory too.
         if self.on_cuda:
@@ -234,10 +276,11 @@ class Engine:
         answers: list[Answer] = []
         while len(answers) < len(batch):  # the limit may drop again on the way
             start = len(answers)
-            answers += self._generate_or_split(batch[start : start + self._oom_limit])
+            part = batch[start : start + self._oom_limit]
+            answers += self._generate_or_split(part, answer_tokens)
         return answers
 
-    def _generate(self, batch: list[Prepared]) -> list[Answer]:
+    def _generate(self, batch: list[Prepared], answer_tokens: int) -> list[Answer]:
         import torch
 
         began = time.perf_counter()
@@ -248,7 +291,7 @@ class Engine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.compute_dtype)
         prompt_len = inputs["input_ids"].shape[1]
         options: dict[str, Any] = {
-            "max_new_tokens": self.answer_tokens,
+            "max_new_tokens": answer_tokens,
             "min_new_tokens": self.min_new_tokens or None,
             "do_sample": False,
         }
@@ -273,19 +316,19 @@ class Engine:
             out = self.loaded.model.generate(**inputs, **options)
             new = out[:, prompt_len:].cpu()
             if self.on_cuda:
-                self._learn_memory(base, len(batch), prompt_len)
+                self._learn_memory(base, len(batch), prompt_len + answer_tokens)
         elapsed = time.perf_counter() - began
         log.info("batch of %d x %d tokens in %.2f s", len(batch), prompt_len, elapsed)
         return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
 
-    def _learn_memory(self, base: int, rows: int, prompt_len: int) -> None:
+    def _learn_memory(self, base: int, rows: int, row_tokens: int) -> None:
         """Remember the peak bytes a batch used per token, to size the next batches."""
         import torch
 
         total = torch.cuda.max_memory_allocated(self.loaded.device)
         self.peak_memory = max(self.peak_memory, total)
         peak = total - base
-        per_token = peak / (rows * (prompt_len + self.answer_tokens))
+        per_token = peak / (rows * row_tokens)
         self._bytes_per_token = max(per_token, self._bytes_per_token or 0.0)
         log.info(
             "batch of %d: peak %.2f GiB, %.2f above the weights", rows, total / 2**30, peak / 2**30
@@ -305,7 +348,7 @@ class Engine:
             stopped = len(kept) < len(row) and row[len(kept)] != pad_id
             text = tokenizer.decode(kept, skip_special_tokens=True)
             answers.append(
-                Answer(text, int(tokens_in), len(kept) + int(stopped), elapsed, len(new))
+                Answer(text, int(tokens_in), len(kept) + int(stopped), elapsed, len(new), stopped)
             )
         return answers
 
