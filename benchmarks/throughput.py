@@ -261,8 +261,9 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
     return rows
 
 
-def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict) -> dict:
+def run_e2e(model_dir: Path, clips_dir: Path, args, engine_row: dict) -> dict:
     """The same clips through Redis and a real `python -m worker` process (threads pool)."""
+    count = len(list(clips_dir.glob("*.mp4")))  # the producer enqueues the whole folder
     work = Path(tempfile.mkdtemp(prefix="fs-e2e-"))
     port = 6390
     redis = subprocess.Popen(
@@ -307,7 +308,7 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
         _enqueue(clips_dir, env, wait=False)
         began = time.perf_counter()
         _control(env, "add_consumer")
-        _wait_done(work, clips_dir, len(list(clips_dir.glob("*.mp4"))))
+        _wait_done(work, clips_dir, count)
         elapsed = time.perf_counter() - began
     finally:
         worker.terminate()
@@ -317,7 +318,6 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
             worker.kill()
         worker_log.close()
         redis.terminate()
-    count = len(list(clips_dir.glob("*.mp4")))
     span = _worker_span(work, clips_dir)
     row = _row("end to end: Redis + Celery worker", count, count * args.new_tokens, span, 0)
     # The engine logs each batch it ran; the timed ones are those after the warm-up's.
@@ -332,9 +332,8 @@ def run_e2e(model_dir: Path, clips_dir: Path, count: int, args, engine_row: dict
     # the wall time from the consumer's start to the last report seen is reported beside it.
     row["queue_overhead"] = round(row["s_per_video"] / engine_row["s_per_video"] - 1, 3)
     row["wall_s"] = round(elapsed, 2)
-    tail = (work / "worker.log").read_text(errors="replace")[-2000:]
     if worker.returncode not in (0, -15):
-        row["worker_log_tail"] = tail
+        row["worker_log_tail"] = text[-2000:]
     return row
 
 
@@ -515,7 +514,7 @@ def main() -> int:
         save()
         if args.e2e and i == 0:  # against the first setting's engine (h100, or cpu on a CPU)
             engine_row = next(r for r in rows if r["path"] == "engine")
-            row = run_e2e(model_dir, clips_dir, len(clips), args, engine_row)
+            row = run_e2e(model_dir, clips_dir, args, engine_row)
             row.update(setting=name, x_seed=round(rows[0]["s_per_video"] / row["s_per_video"], 1))
             rows.append(row)
             save()
