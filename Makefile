@@ -26,6 +26,8 @@ install: $(VENV)/.installed
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	# the import contract: layers one way, no GPU stack under the producer (pyproject.toml)
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(PY) -m ruff format .
@@ -41,7 +43,7 @@ demo: install
 	export FLEETSCRIBE_HOME=$(DEMO) FLEETSCRIBE_MODEL=$(DEMO)/tiny-model FLEETSCRIBE_QUANT=fp32
 	export FLEETSCRIBE_MAX_NEW_TOKENS=48 FLEETSCRIBE_FRAMES=8
 	$(PY) -m models build-tiny $(DEMO)/tiny-model
-	$(PY) -m producer samples $(DEMO)/videos --count 6
+	$(PY) -m producer clips $(DEMO)/videos --count 6
 	cp $(DEMO)/videos/$$(ls $(DEMO)/videos | head -n 1) $(DEMO)/videos/same_video_other_name.mp4
 	echo "this is not a video" > $(DEMO)/videos/notes.mp4
 	: > $(DEMO)/videos/empty.mkv

@@ -15,7 +15,7 @@ import numpy as np
 
 
 @dataclass
-class _Frames:  # the part of worker.video.SampledVideo the engine reads
+class _Frames:  # the part of video.media.SampledVideo the runner reads
     frames: list
     timestamps: list
 
@@ -23,9 +23,9 @@ class _Frames:  # the part of worker.video.SampledVideo the engine reads
 def main() -> int:
     import torch
 
-    from models.loader import load_describer
+    from models.loader import load_model
+    from models.runner import ModelRunner, RunnerConfig, report_grammar
     from models.tiny import build_tiny
-    from worker.engine import Engine
 
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -50,10 +50,14 @@ def main() -> int:
         )
         for quant in ("nf4", "fp16", "bf16"):
             began = time.perf_counter()
-            loaded = load_describer(str(path), quant=quant)
-            engine = Engine(loaded, max_new_tokens=16, batch_size=4)
-            batched = engine.describe(videos)
-            single = [engine.describe([v])[0] for v in videos]
+            loaded = load_model(str(path), quant=quant)
+            runner = ModelRunner(
+                loaded,
+                RunnerConfig(max_new_tokens=16, batch_size=4),
+                grammar=report_grammar(loaded),
+            )
+            batched = runner.answer(videos)
+            single = [runner.answer([v])[0] for v in videos]
             four_bit = [
                 n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear4bit"
             ]
@@ -75,7 +79,7 @@ def main() -> int:
                     }
                 )
             )
-            del engine, loaded
+            del runner, loaded
             torch.cuda.empty_cache()
     return 0
 

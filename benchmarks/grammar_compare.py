@@ -69,7 +69,7 @@ def xgrammar_schema(loaded, schema, batch):
 
 
 def xgrammar_ebnf(loaded, schema, batch):
-    from models.grammar import ReportGrammar
+    from models.decoding import ReportGrammar
 
     began = time.perf_counter()
     grammar = ReportGrammar(
@@ -121,7 +121,7 @@ LIBRARIES = {
 def main() -> int:
     import torch
 
-    from models.loader import load_describer
+    from models.loader import load_model
     from models.prompt import build_messages
     from models.schema import parse_report
     from models.tiny import build_tiny
@@ -133,7 +133,7 @@ def main() -> int:
     args = parser.parse_args()
 
     model_dir = build_tiny(Path(tempfile.mkdtemp()) / "tiny")
-    loaded = load_describer(str(model_dir), quant="fp32")
+    loaded = load_model(str(model_dir), quant="fp32")
     rng = np.random.default_rng(0)
     frames = [[rng.integers(0, 256, (64, 96, 3), dtype=np.uint8) for _ in range(8)]] * args.videos
     texts = [

@@ -1,4 +1,4 @@
-"""Describe throughput: the seed's way against fleetscribe's engine, side by side, one run.
+"""Describe throughput: the seed's way against fleetscribe's runner, side by side, one run.
 
 On a CUDA machine (the numbers in README come from this):
 
@@ -8,7 +8,7 @@ It builds a random model with Qwen3-VL-4B's published shape (benchmarks/shapes/,
 download), writes real H.264 test clips, samples their frames with the real sampler and
 forces a fixed answer length (--new-tokens). For each setting it runs
 - seed: NF4, one video per `generate` call, default dynamic cache (SEED.md's loop);
-- engine: fleetscribe's engine fed by CPU threads through the worker's batcher, i.e.
+- runner: fleetscribe's runner fed by CPU threads through the worker's batcher, i.e.
   frames are decoded and preprocessed while the GPU runs the previous batch;
 at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15 GiB).
 `--e2e` adds the same videos through a real Redis and a real `python -m worker`.
@@ -51,7 +51,7 @@ def log(message: str) -> None:
 
 def make_clips(folder: Path, count: int, seconds: float) -> list[Path]:
     """Distinct 640x360 H.264 clips (different seeds), written on all cores."""
-    from producer.samples import make_video
+    from producer.clips import make_video
 
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -91,7 +91,7 @@ def run_seed(loaded, clips: list[Path], args) -> dict:
     import torch
 
     from models.prompt import build_messages
-    from worker.video import sample_frames
+    from video.media import sample_frames
 
     processor, model = loaded.processor, loaded.model
     _reset_peak()
@@ -118,7 +118,7 @@ def run_seed(loaded, clips: list[Path], args) -> dict:
     return _row(f"seed ({args.quant}, 1 video/generate)", len(clips), tokens, elapsed, batch=1)
 
 
-def run_engine(
+def run_batched(
     loaded,
     clips: list[Path],
     args,
@@ -131,35 +131,40 @@ def run_engine(
 
     Unconstrained, every answer is forced to `new_tokens`; constrained (the report
     grammar), answers end where the grammar lets them."""
+    from models.compat import allow_compiling_nf4
+    from models.memory import apply_memory_cap
+    from models.runner import ModelRunner, RunnerConfig, report_grammar
+    from video.media import sample_frames
     from worker.batcher import Batcher
-    from worker.engine import Engine
-    from worker.video import sample_frames
 
     new_tokens = new_tokens or args.new_tokens
-    engine = Engine(
-        loaded,
+    config = RunnerConfig(
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         batch_size=args.batch_size,
-        memory_gib=memory_gib,
-        compile=compile,
-        constrained=constrained,
+        compile=compile or "off",
         prefill_chunk=args.prefill_chunk,
     )
+    # The process-wide steps, as models.runner.build_runner takes them for a worker.
+    cap = apply_memory_cap(loaded.device, memory_gib)
+    if compile and loaded.quant == "nf4":
+        allow_compiling_nf4(loaded.model)
+    grammar = report_grammar(loaded) if constrained else None
+    runner = ModelRunner(loaded, config, grammar=grammar, memory_cap=cap)
     if constrained and args.grammar_steps:
         # A random model fills every string to its bound (~2,300 tokens a report): cap the
         # answer so the grammar's per-step cost is measured over the same steps as the
         # unconstrained row (the cut answers are not valid reports; their cost is real).
-        engine.answer_tokens = engine.first_pass_tokens = args.grammar_steps
+        runner.answer_tokens = runner.first_pass_tokens = args.grammar_steps
 
     def feed(batcher: Batcher, path: Path):
         with batcher.preparing():  # as the worker's task threads do
             video = sample_frames(path, args.frames, max_side=640)
-            pending = batcher.submit(engine.prepare(video))
+            pending = batcher.submit(runner.prepare(video))
         return pending.result()
 
     def run(paths: list[Path]):
-        batcher = Batcher(engine, wait_s=0.05)
+        batcher = Batcher(runner, wait_s=0.05)
         with ThreadPoolExecutor(args.feeders) as pool:
             answers = list(pool.map(lambda p: feed(batcher, p), paths))
         batcher.close()
@@ -167,24 +172,24 @@ def run_engine(
 
     # Warm-up (not timed): allocates the static cache, compiles, measures memory per token.
     _, warm = run(clips[: min(len(clips), args.batch_size)])
-    log(f"engine warm-up: batches {warm.sizes} in {warm.busy_s:.1f} s")
+    log(f"runner warm-up: batches {warm.sizes} in {warm.busy_s:.1f} s")
     _reset_peak()
-    engine.peak_memory = 0  # the engine resets the CUDA peak each batch; it keeps its own
+    runner.memory.peak = 0  # the runner resets the CUDA peak each batch; it keeps its own
     began, cpu_began = time.perf_counter(), time.process_time()
     answers, stats = run(clips)
     elapsed = time.perf_counter() - began
     # All of this process's CPU time (FFmpeg's decoder threads included) except the GPU
     # thread's: what decoding and preprocessing cost per video.
     feeding_cpu = time.process_time() - cpu_began - stats.cpu_s
-    # An engine whose compiler failed fell back to eager decoding: say so in its name.
+    # A runner whose compiler failed fell back to eager decoding: say so in its name.
     compiled = (
-        f" + compile {compile}" if engine.compile else (" (compile failed)" if compile else "")
+        f" + compile {compile}" if runner.compile else (" (compile failed)" if compile else "")
     )
-    name = "engine" + compiled + (" + grammar" if constrained else "")
+    name = "runner" + compiled + (" + grammar" if constrained else "")
     if new_tokens != args.new_tokens:
         name += f" ({new_tokens} tokens)"
     row = _row(name, len(clips), sum(a.tokens_out for a in answers), elapsed, batch=stats.sizes)
-    row["peak_gib"] = max(row["peak_gib"], round(engine.peak_memory / 2**30, 2))
+    row["peak_gib"] = max(row["peak_gib"], round(runner.memory.peak / 2**30, 2))
     per_video_cpu = feeding_cpu / len(clips)
     row["gpu_thread_cpu_share"] = round(stats.cpu_s / max(stats.busy_s, 1e-9), 2)
     row["cpu_s_per_video"] = round(per_video_cpu, 3)
@@ -218,37 +223,37 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
 
     if name == "t4":
         clips = clips[: args.t4_videos]
-    from models.loader import load_describer
+    from models.loader import load_model
 
     compute, cap = SETTINGS[name]
     if torch.cuda.is_available():  # before loading: the seed's way runs under the cap too
-        from worker.engine import apply_memory_cap
+        from models.memory import apply_memory_cap
 
         apply_memory_cap("cuda", cap)
-    loaded = load_describer(str(model_dir), quant=args.quant, compute=compute)
+    loaded = load_model(str(model_dir), quant=args.quant, compute=compute)
     log(f"{name}: model loaded ({loaded.compute_dtype})")
     rows = [run_seed(loaded, clips[: args.seed_videos], args)]
     log(f"{name}: seed's way done: {rows[-1]}")
-    rows.append(run_engine(loaded, clips, args, cap, compile=""))
-    log(f"{name}: engine done: {rows[-1]}")
+    rows.append(run_batched(loaded, clips, args, cap, compile=""))
+    log(f"{name}: runner done: {rows[-1]}")
     if args.grammar and name == args.settings.split(",")[0]:
         # Constrained answers end where the grammar says; the cost of the constraint is its
-        # time against the unconstrained engine forced to the same number of decode steps.
-        constrained = run_engine(loaded, clips, args, cap, compile="", constrained=True)
+        # time against the unconstrained runner forced to the same number of decode steps.
+        constrained = run_batched(loaded, clips, args, cap, compile="", constrained=True)
         steps = constrained["mean_batch_steps"]
-        same, extra = rows[-1], []  # the engine row: forced to --new-tokens steps
+        same, extra = rows[-1], []  # the runner row: forced to --new-tokens steps
         if steps != same["mean_batch_steps"]:
-            same = run_engine(loaded, clips, args, cap, compile="", new_tokens=steps)
+            same = run_batched(loaded, clips, args, cap, compile="", new_tokens=steps)
             extra = [same]
         constrained["grammar_cost"] = round(constrained["seconds"] / same["seconds"] - 1, 3)
         rows += [constrained, *extra]
         log(f"{name}: grammar done: cost {constrained['grammar_cost']}")
     for mode in filter(None, args.compile.split(",")):
         try:
-            rows.append(run_engine(loaded, clips, args, cap, compile=mode))
+            rows.append(run_batched(loaded, clips, args, cap, compile=mode))
         except Exception as e:  # report it; the uncompiled figures stand
             rows.append(
-                {"path": f"engine + compile {mode}", "error": f"{type(e).__name__}: {e}"[:300]}
+                {"path": f"runner + compile {mode}", "error": f"{type(e).__name__}: {e}"[:300]}
             )
     for row in rows:
         row.update(setting=name, compute=str(loaded.compute_dtype), memory_cap_gib=cap)
@@ -261,7 +266,7 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
     return rows
 
 
-def run_e2e(model_dir: Path, clips_dir: Path, args, engine_row: dict) -> dict:
+def run_e2e(model_dir: Path, clips_dir: Path, args, runner_row: dict) -> dict:
     """The same clips through Redis and a real `python -m worker` process (threads pool)."""
     count = len(list(clips_dir.glob("*.mp4")))  # the producer enqueues the whole folder
     work = Path(tempfile.mkdtemp(prefix="fs-e2e-"))
@@ -279,14 +284,14 @@ def run_e2e(model_dir: Path, clips_dir: Path, args, engine_row: dict) -> dict:
         FLEETSCRIBE_FRAMES=str(args.frames),
         FLEETSCRIBE_MAX_NEW_TOKENS=str(args.new_tokens),
         FLEETSCRIBE_MIN_NEW_TOKENS=str(args.new_tokens),
-        FLEETSCRIBE_CONSTRAINED="false",  # the same forced-length work as the engine row
+        FLEETSCRIBE_CONSTRAINED="false",  # the same forced-length work as the runner row
         FLEETSCRIBE_BATCH_SIZE=str(args.batch_size),
         FLEETSCRIBE_PREFILL_CHUNK=str(args.prefill_chunk),
         HF_HUB_OFFLINE="1",
     )
     worker_log = open(work / "worker.log", "wb")  # noqa: SIM115 - closed below
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker", "--loglevel", "INFO"],  # INFO: the engine's batches
+        [sys.executable, "-m", "worker", "--loglevel", "INFO"],  # INFO: the runner's batches
         cwd=ROOT,
         env=env,
         stdout=worker_log,
@@ -320,7 +325,7 @@ def run_e2e(model_dir: Path, clips_dir: Path, args, engine_row: dict) -> dict:
         redis.terminate()
     span = _worker_span(work, clips_dir)
     row = _row("end to end: Redis + Celery worker", count, count * args.new_tokens, span, 0)
-    # The engine logs each batch it ran; the timed ones are those after the warm-up's.
+    # The runner logs each batch it ran; the timed ones are those after the warm-up's.
     text = (work / "worker.log").read_text(errors="replace")
     sizes = [int(n) for n in re.findall(r"batch of (\d+) x \d+ tokens", text)]
     row["batch"] = _sizes(_after_warm_up(sizes, args.batch_size))
@@ -328,9 +333,9 @@ def run_e2e(model_dir: Path, clips_dir: Path, args, engine_row: dict) -> dict:
     # The worker's own GPU peak (this process's says nothing about it).
     peaks = [float(g) for g in re.findall(r"batch of \d+: peak ([\d.]+) GiB", text)]
     row["peak_gib"] = max(peaks, default=0.0)
-    # From the first video claimed to the last report committed, against the engine alone;
+    # From the first video claimed to the last report committed, against the runner alone;
     # the wall time from the consumer's start to the last report seen is reported beside it.
-    row["queue_overhead"] = round(row["s_per_video"] / engine_row["s_per_video"] - 1, 3)
+    row["queue_overhead"] = round(row["s_per_video"] / runner_row["s_per_video"] - 1, 3)
     row["wall_s"] = round(elapsed, 2)
     if worker.returncode not in (0, -15):
         row["worker_log_tail"] = text[-2000:]
@@ -358,16 +363,16 @@ def _enqueue(folder: Path, env: dict, *, wait: bool) -> None:
 
 
 def _control(env: dict, command: str) -> None:
-    """Celery remote control of the describe queue's consumer (cancel_consumer/add_consumer)."""
-    from worker.app import DESCRIBE_QUEUE
+    """Celery remote control of the describe queue's consumer (cancel_consumer/add_consumer),
+    through an app configured from the worker's environment."""
+    from broker.celery_app import DESCRIBE_QUEUE, make_celery
+    from config.settings import Settings
 
-    subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "control", command, DESCRIBE_QUEUE],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    app = make_celery(Settings(broker_url=env["FLEETSCRIBE_BROKER_URL"]))
+    try:
+        getattr(app.control, command)(DESCRIBE_QUEUE, reply=True, timeout=10)
+    finally:
+        app.close()
 
 
 @contextmanager
@@ -465,9 +470,9 @@ def main() -> int:
     parser.add_argument(
         "--compile",
         default="",
-        help="also the compiled engine, per torch.compile mode: default,reduce-overhead",
+        help="also the compiled runner, per torch.compile mode: default,reduce-overhead",
     )
-    parser.add_argument("--grammar", action="store_true", help="also the constrained engine")
+    parser.add_argument("--grammar", action="store_true", help="also the constrained runner")
     parser.add_argument(
         "--grammar-steps",
         type=int,
@@ -512,9 +517,9 @@ def main() -> int:
     for i, name in enumerate(args.settings.split(",")):
         rows += run_setting(name, model_dir, clips, args)
         save()
-        if args.e2e and i == 0:  # against the first setting's engine (h100, or cpu on a CPU)
-            engine_row = next(r for r in rows if r["path"] == "engine")
-            row = run_e2e(model_dir, clips_dir, args, engine_row)
+        if args.e2e and i == 0:  # against the first setting's runner (h100, or cpu on a CPU)
+            runner_row = next(r for r in rows if r["path"] == "runner")
+            row = run_e2e(model_dir, clips_dir, args, runner_row)
             row.update(setting=name, x_seed=round(rows[0]["s_per_video"] / row["s_per_video"], 1))
             rows.append(row)
             save()

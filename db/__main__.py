@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from worker.cli import run
-from worker.settings import load_settings
+from config.cli import run
+from config.settings import load_settings
 
 
 @click.group(help="The fleetscribe store: migrations and read-only SQL.")

@@ -1,7 +1,9 @@
 """Expected failures of the store, each one line for the user."""
 
+from config.errors import ExpectedError
 
-class StoreError(Exception):
+
+class StoreError(ExpectedError):
     """Base of the store's expected failures."""
 
 

@@ -187,7 +187,7 @@ def find_report(
 class NewReport:
     """Everything a worker learned about one video, ready to store."""
 
-    video_id: int
+    video_id: int | None  # None: a report printed by `worker describe`, never stored
     model: str
     adapter: str
     prompt_version: int

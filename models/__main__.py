@@ -6,7 +6,7 @@ import json
 
 import click
 
-from worker.cli import run
+from config.cli import run
 
 
 @click.group(help="The describe model: report schema and the tiny offline test model.")

@@ -1,7 +1,6 @@
-"""Load the describe model (NF4 / fp16 / bf16 / fp32) with its processor and adapter.
+"""Load the model (NF4 / fp16 / bf16 / fp32) with its processor and adapter.
 
-The heavy imports live inside the functions: importing this module costs nothing, so
-settings and the producer can name `Quant` without pulling in torch.
+The heavy imports live inside the functions: importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def compute_dtype(quant: Quant, device: str, override: str | None = None):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def load_describer(
+def load_model(
     model: str,
     *,
     quant: Quant | str = Quant.NF4,

@@ -12,8 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from worker.cli import run
-from worker.settings import load_settings
+from config.cli import run
+from config.settings import load_settings
 
 console = Console(highlight=False)
 _REASON_ROWS = 50
@@ -61,7 +61,7 @@ def enqueue(paths, manifest, frames, priority, wait, note) -> None:
     summary, to_send = enq.record(
         items, sessions=sessions, frames=frames, priority=priority, note=note
     )
-    summary.sent = enq.send(to_send, sessions=sessions, priority=priority)
+    summary.sent = enq.send(to_send, sessions=sessions, priority=priority, settings=settings)
     _print_summary(summary, len(files))
     if wait:
         _follow(sessions, summary.batch_id)
@@ -124,7 +124,7 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
         sys.exit(1)
 
 
-def _send_again(sessions, pick, *, note: str, priority: int, frames: int, dry_run: bool):
+def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: bool):
     """List the videos `pick(session)` chooses and, unless a dry run, put them back to
     `queued` in a new batch and send them. `pick` returns (videos, header, one line each).
     Returns (batch id, videos sent), or None when nothing was sent."""
@@ -143,9 +143,9 @@ def _send_again(sessions, pick, *, note: str, priority: int, frames: int, dry_ru
             console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
             return None
         batch_id = requeue_videos(
-            session=session, videos=videos, note=note, priority=priority, frames=frames
+            session=session, videos=videos, note=note, priority=priority, frames=settings.frames
         )
-    return batch_id, enq.send(videos, sessions=sessions, priority=priority)
+    return batch_id, enq.send(videos, sessions=sessions, priority=priority, settings=settings)
 
 
 @cli.command(help="Describe again the videos whose reports match --where (e.g. older prompt).")
@@ -182,9 +182,9 @@ def requeue(where_text, dry_run, priority, wait) -> None:
     done = _send_again(
         sessions,
         pick,
+        settings=settings,
         note=f"requeue where {where_text}",
         priority=priority,
-        frames=settings.frames,
         dry_run=dry_run,
     )
     if done is None:
@@ -226,9 +226,9 @@ def reap(after, dry_run) -> None:
     done = _send_again(
         sessions,
         pick,
+        settings=settings,
         note=f"reap: running more than {after} s",
         priority=0,
-        frames=settings.frames,
         dry_run=dry_run,
     )
     if done is not None:
@@ -255,14 +255,14 @@ def status(batch_id: int | None) -> None:
     console.print(f"throughput: {rate}; pending: {p.pending}; ETA: {format_eta(p.eta_s)}")
 
 
-@cli.command(help="Write a few short synthetic driving videos to DIR (to try fleetscribe).")
+@cli.command(help="Write a few short synthetic driving clips to DIR (to try fleetscribe).")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--count", default=6, show_default=True, type=click.IntRange(1, 1000))
-def samples(directory: str, count: int) -> None:
-    from producer.samples import make_samples
+def clips(directory: str, count: int) -> None:
+    from producer.clips import make_clips
 
-    paths = make_samples(directory, count=count)
-    console.print(f"{len(paths)} sample videos written to {directory}")
+    paths = make_clips(directory, count=count)
+    console.print(f"{len(paths)} synthetic clips written to {directory}")
 
 
 if __name__ == "__main__":

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from config.settings import Settings
 from db import store
 from db.models import Video, VideoState
 from db.session import session_scope
 from producer.errors import BrokerUnavailable
-from worker.errors import VideoError
-from worker.sampler import KillablePool
-from worker.settings import Settings
-from worker.video import VideoInfo, check_allowed, check_file, probe
+from video.errors import VideoError
+from video.files import check_allowed, check_file
+from video.media import VideoInfo, probe
+from video.processes import KillablePool
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,14 @@ def _place(session, item, batch_id, frames, priority, seen_in_batch) -> tuple[Vi
     return existing, Outcome.ALREADY_QUEUED
 
 
-def send(videos: list[Video], *, sessions: sessionmaker[Session], priority: int) -> int:
+def send(
+    videos: list[Video], *, sessions: sessionmaker[Session], priority: int, settings: Settings
+) -> int:
     """One describe message per video. If the broker is down, the videos are marked failed
     with that reason (so that enqueueing them again sends them) and BrokerUnavailable raised."""
-    from worker.app import DESCRIBE_QUEUE, DESCRIBE_TASK, app
+    from broker.celery_app import DESCRIBE_QUEUE, DESCRIBE_TASK, make_celery
 
+    app = make_celery(settings)
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
@@ -240,4 +244,6 @@ def send(videos: list[Video], *, sessions: sessionmaker[Session], priority: int)
             f"broker {app.conf.broker_url.split('@')[-1]} did not accept messages: {e}; "
             f"{len(unsent)} videos marked failed, enqueue them again once it is back"
         ) from e
+    finally:
+        app.close()
     return sent

@@ -1,7 +1,9 @@
 """Expected failures of the producer CLI."""
 
+from config.errors import ExpectedError
 
-class ProducerError(Exception):
+
+class ProducerError(ExpectedError):
     """Base of the producer's expected failures."""
 
 

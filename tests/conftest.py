@@ -95,9 +95,9 @@ class Frames:
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_model):
     """The tiny model loaded in float32 on the CPU, once per test session."""
-    from models.loader import load_describer
+    from models.loader import load_model
 
-    return load_describer(str(tiny_model), quant="fp32")
+    return load_model(str(tiny_model), quant="fp32")
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ import logging
 
 import pytest
 import xgrammar as xgr
+from helpers import make_runner
 
 from models import grammar
+from models.decoding import ReportGrammar
 from models.schema import parse_report
-from worker.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def loaded(tiny_loaded):
 
 @pytest.fixture(scope="module")
 def report_grammar(loaded):
-    return grammar.ReportGrammar(
+    return ReportGrammar(
         loaded.processor.tokenizer, loaded.model.config.get_text_config().vocab_size
     )
 
@@ -96,24 +97,24 @@ def test_the_grammar_refuses_what_the_schema_or_the_video_forbids(report_grammar
 
 def test_hundreds_of_varied_videos_all_get_valid_reports(loaded, random_videos):
     videos = random_videos(200, seed=11, max_frames=8)
-    engine = Engine(loaded, max_new_tokens=16, batch_size=25)
-    answers = engine.describe(videos)
+    runner = make_runner(loaded, max_new_tokens=16, batch_size=25)
+    answers = runner.answer(videos)
     errors = [
         parse_report(a.text, frames=len(v.timestamps)).error
         for a, v in zip(answers, videos, strict=True)
     ]
     assert errors == [None] * len(videos)
     # The constraint, not luck: the same model unconstrained writes no valid report.
-    free = Engine(loaded, max_new_tokens=64, batch_size=25, constrained=False)
-    free_answers = free.describe(videos[:25])
+    free = make_runner(loaded, max_new_tokens=64, batch_size=25, constrained=False)
+    free_answers = free.answer(videos[:25])
     assert not any(parse_report(a.text, frames=8).valid for a in free_answers)
 
 
 def test_constrained_batched_output_equals_one_at_a_time(loaded, random_videos, caplog):
     videos = random_videos(8, seed=5, max_frames=8)
-    engine = Engine(loaded, max_new_tokens=16, batch_size=8)
-    batched = engine.describe(videos)
-    single = [engine.describe([v])[0] for v in videos]
+    runner = make_runner(loaded, max_new_tokens=16, batch_size=8)
+    batched = runner.answer(videos)
+    single = [runner.answer([v])[0] for v in videos]
     assert [a.text for a in batched] == [a.text for a in single]
     assert all(
         parse_report(a.text, frames=len(v.timestamps)).valid
@@ -124,9 +125,9 @@ def test_constrained_batched_output_equals_one_at_a_time(loaded, random_videos, 
     # (the median); those are described again with room for the whole bound: same answers.
     lengths = sorted(a.tokens_out for a in batched)
     first_pass = lengths[len(lengths) // 2]
-    two_pass = Engine(loaded, max_new_tokens=16, batch_size=8, first_pass_tokens=first_pass)
-    with caplog.at_level(logging.INFO, logger="worker.engine"):
-        again = two_pass.describe(videos)
+    two_pass = make_runner(loaded, max_new_tokens=16, batch_size=8, first_pass_tokens=first_pass)
+    with caplog.at_level(logging.INFO, logger="models.runner"):
+        again = two_pass.answer(videos)
     assert [a.text for a in again] == [a.text for a in batched]
     longer = sum(n > first_pass for n in lengths)
     assert f"{longer} of 8 answers still going at {first_pass} tokens" in caplog.text

@@ -1,28 +1,31 @@
-"""The tiny offline model loads through the real from_pretrained path and the engine runs it."""
+"""The tiny offline model loads through the real from_pretrained path and the runner runs it."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import make_runner
 
 from models.errors import ModelLoadError
-from models.loader import Quant, load_describer
-from models.prompt import build_messages
-from producer.samples import make_video
-from worker.engine import Engine
-from worker.video import sample_frames
+from models.loader import Quant, load_model
+from models.prompt import PROMPT_VERSION, build_messages
+from models.runner import ModelRunner
+from models.schema import SCHEMA_VERSION, parse_report
+from producer.clips import make_video
+from video.media import sample_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model) -> Engine:
-    loaded = load_describer(str(tiny_model), quant=Quant.FP32, device="cpu")
-    return Engine(loaded, max_new_tokens=12, batch_size=4)
+def runner(tiny_model) -> ModelRunner:
+    loaded = load_model(str(tiny_model), quant=Quant.FP32, device="cpu")
+    return make_runner(loaded, max_new_tokens=12, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -68,30 +71,52 @@ def test_processor_keeps_the_qwen_special_tokens(tiny_model):
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_engine_answers_each_video(engine, sampled):
-    answers = engine.describe(sampled)
+def test_engine_answers_each_video(runner, sampled):
+    answers = runner.answer(sampled)
     assert len(answers) == len(sampled)
     for answer in answers:
         assert answer.tokens_in > 0
-        assert 1 <= answer.tokens_out <= engine.answer_tokens
+        assert 1 <= answer.tokens_out <= runner.answer_tokens
         assert isinstance(answer.text, str)
 
 
-def test_batched_greedy_equals_one_at_a_time(engine, sampled):
+def test_batched_greedy_equals_one_at_a_time(runner, sampled):
     """Left padding and per-row stopping must not change any video's answer (float32)."""
-    batched = [a.text for a in engine.describe(sampled)]
-    single = [engine.describe([v])[0].text for v in sampled]
+    batched = [a.text for a in runner.answer(sampled)]
+    single = [runner.answer([v])[0].text for v in sampled]
     assert batched == single
 
 
 def test_nf4_without_cuda_is_a_clear_error(tiny_model):
     with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
-        load_describer(str(tiny_model), quant=Quant.NF4, device="cpu")
+        load_model(str(tiny_model), quant=Quant.NF4, device="cpu")
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        load_describer(str(tmp_path / "nope"), quant=Quant.FP32, device="cpu")
+        load_model(str(tmp_path / "nope"), quant=Quant.FP32, device="cpu")
+
+
+# What `python -m worker describe --json` prints for a described file: the stored report's
+# fields (db/store.py NewReport, less video_id), with path, status and valid.
+DESCRIBE_FIELDS = {
+    "path",
+    "status",
+    "valid",
+    "model",
+    "adapter",
+    "prompt_version",
+    "schema_version",
+    "raw_text",
+    "report",
+    "error",
+    "frame_timestamps",
+    "tokens_in",
+    "tokens_out",
+    "latency_s",
+    "worker_host",
+    "hazards",
+}
 
 
 def test_worker_describe_cli_prints_json(tiny_model, tmp_path):
@@ -115,11 +140,32 @@ def test_worker_describe_cli_prints_json(tiny_model, tmp_path):
         text=True,
         timeout=300,
     )
-    assert out.returncode == 1  # one input failed
+    assert out.returncode == 1, out.stderr  # one input failed
     results = [json.loads(line) for line in out.stdout.splitlines()]
-    assert results[0]["status"] == "done" and len(results[0]["frame_timestamps"]) == 3
-    assert results[0]["valid"] is (results[0]["report"] is not None)
-    assert results[1]["status"] == "failed" and "not a video" in results[1]["reason"]
+    assert [(r["path"], r["status"]) for r in results] == [
+        (str(video), "done"),
+        (str(tmp_path / "bad.mp4"), "failed"),
+    ]
+    done, failed = results
+    assert set(done) == DESCRIBE_FIELDS
+    # FLEETSCRIBE_CONSTRAINED is unset, so the report grammar holds decoding: every answer
+    # of even a random model is a valid report.
+    assert done["valid"] is True and done["error"] is None
+    frames = done["frame_timestamps"]
+    assert len(frames) == 3 and frames == sorted(frames) and frames[0] >= 0 and frames[-1] < 2.0
+    reparsed = parse_report(done["raw_text"], frames=len(frames))
+    assert reparsed.error is None and reparsed.report == done["report"]
+    assert done["hazards"] == done["report"]["hazards"]
+    assert all(0 <= h["frame"] < len(frames) for h in done["hazards"])
+    assert (done["model"], done["adapter"]) == (str(tiny_model), "")
+    assert (done["prompt_version"], done["schema_version"]) == (PROMPT_VERSION, SCHEMA_VERSION)
+    assert done["tokens_in"] > 0 and done["tokens_out"] > 0 and done["latency_s"] > 0
+    assert done["worker_host"].startswith(f"{socket.gethostname()}:")
+    assert failed == {
+        "path": str(tmp_path / "bad.mp4"),
+        "status": "failed",
+        "reason": "not a video: ffmpeg found no known container format",
+    }
 
 
 def test_nf4_keeps_the_vision_tower_and_lm_head_in_16_bit(tiny_model):

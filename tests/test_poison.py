@@ -27,15 +27,15 @@ import pytest
 from sqlalchemy import select
 from test_pipeline import _env, _run, running_worker
 
+from broker.celery_app import DESCRIBE_QUEUE, DESCRIBE_TASK, make_celery
+from config.settings import Settings
 from db import store
 from db.migrate import upgrade
 from db.models import Video, VideoState
 from db.session import make_engine, make_sessionmaker, session_scope
-from producer.samples import make_video
-from worker.app import DESCRIBE_QUEUE, DESCRIBE_TASK, make_app
-from worker.errors import VideoError
-from worker.settings import Settings
-from worker.video import MAX_PIXELS, MAX_SIDE, probe, sample_frames
+from producer.clips import make_video
+from video.errors import VideoError
+from video.media import MAX_PIXELS, MAX_SIDE, probe, sample_frames
 
 pytestmark = pytest.mark.integration
 
@@ -269,7 +269,7 @@ def _send_unprobed(env: dict[str, str], database: str, path: Path) -> int:
             session=session, path=str(path), sha256=os.urandom(32).hex(), state=VideoState.QUEUED
         ).id
     engine.dispose()
-    app = make_app(Settings(broker_url=env["FLEETSCRIBE_BROKER_URL"]))
+    app = make_celery(Settings(broker_url=env["FLEETSCRIBE_BROKER_URL"]))
     app.send_task(
         DESCRIBE_TASK,
         kwargs={"video_id": video_id, "path": str(path), "frames": None},

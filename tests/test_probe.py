@@ -8,9 +8,10 @@ import av
 import numpy as np
 import pytest
 
-from producer.samples import make_video
-from worker.errors import PathNotAllowed, VideoError
-from worker.video import MAX_SIDE, check_allowed, probe, sample_frames
+from producer.clips import make_video
+from video.errors import PathNotAllowed, VideoError
+from video.files import check_allowed
+from video.media import MAX_SIDE, probe, sample_frames
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +179,94 @@ def test_fifo_is_not_a_regular_file(tmp_path):
     assert reason(path).startswith("not a regular file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file(clips, tmp_path):
-    path = tmp_path / "locked.mp4"
-    path.write_bytes(make_video(clips / "lock_src.mp4").read_bytes())
-    path.chmod(0)
+NOBODY = 65534  # the unprivileged user and group (nobody, nogroup)
+
+
+def _probe_in_child(path: str, uids: tuple[int, int, int], conn) -> None:
+    """In a forked child: take the (real, effective, saved) user and group ids `uids`,
+    probe `path`, and send back what came of it (never raises)."""
     try:
-        assert reason(path) == "cannot read: permission denied"
+        os.setgroups([])
+        os.setresgid(*uids)
+        os.setresuid(*uids)
+        if os.geteuid() != uids[1] or os.getuid() != uids[0] or os.getgroups():
+            conn.send(("setup", f"still uid {os.getresuid()} groups {os.getgroups()}"))
+            return
+        info = probe(path)
+        conn.send(("ok", info.codec))
+    except VideoError as e:
+        conn.send(("VideoError", str(e)))
+    except BaseException as e:  # sent to the test, which fails on it
+        conn.send((type(e).__name__, str(e)))
     finally:
-        path.chmod(0o644)
+        conn.close()
+
+
+def probe_unprivileged(path, uids=(NOBODY, NOBODY, NOBODY)) -> tuple[str, str]:
+    """probe(path) as an unprivileged user: ("ok", codec) or (exception name, its text).
+
+    As root (CI), a forked child drops to `uids` first (the interpreter under /root is not
+    runnable by another user, so no subprocess), since root reads files whatever their
+    mode; as any other user the probe runs here."""
+    if os.geteuid() != 0:
+        try:
+            return "ok", probe(path).codec
+        except VideoError as e:
+            return "VideoError", str(e)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    ours, theirs = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_probe_in_child, args=(str(path), uids, theirs))
+    child.start()
+    theirs.close()
+    try:
+        if not ours.poll(60):
+            pytest.fail("the unprivileged probe sent nothing within 60 s")
+        return ours.recv()
+    finally:
+        ours.close()
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+@pytest.fixture
+def open_dir():
+    """A directory anyone can enter (pytest's tmp_path is root's alone), removed after."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(tempfile.mkdtemp(prefix="fleetscribe-perm-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_unreadable_file(clips, open_dir):
+    data = make_video(clips / "lock_src.mp4").read_bytes()
+    readable, locked = open_dir / "readable.mp4", open_dir / "locked.mp4"
+    for path, mode in ((readable, 0o644), (locked, 0)):
+        path.write_bytes(data)
+        path.chmod(mode)
+    # the same user reads a readable file beside it: the directory is not what stops it
+    assert probe_unprivileged(readable) == ("ok", "h264")
+    assert probe_unprivileged(locked) == ("VideoError", "cannot read: permission denied")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to keep a root real uid")
+def test_unreadable_file_that_access_allows(clips, open_dir):
+    """Real uid root, effective uid nobody: access() (real uid) says readable but opening
+    (effective uid) is refused, so the reason comes from the open, word for word the same."""
+    locked = open_dir / "locked.mp4"
+    locked.write_bytes(make_video(clips / "lock_src.mp4").read_bytes())
+    locked.chmod(0)
+    assert probe_unprivileged(locked, uids=(0, NOBODY, 0)) == (
+        "VideoError",
+        "cannot read: permission denied",
+    )
 
 
 def test_picture_too_large(tmp_path):

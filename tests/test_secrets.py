@@ -13,10 +13,10 @@ import pytest
 from sqlalchemy import select
 from test_pipeline import _env, _free_port, _run, running_worker
 
+from config.settings import Settings
 from db.models import Video, VideoState
 from db.session import make_engine, make_sessionmaker
-from producer.samples import make_video
-from worker.settings import Settings
+from producer.clips import make_video
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +138,7 @@ def test_settings_print_no_password():
 
 
 def test_a_missing_secrets_folder_is_a_bad_setting(monkeypatch, tmp_path):
-    from worker.settings import SettingsError
+    from config.settings import SettingsError
 
     monkeypatch.setenv("FLEETSCRIBE_SECRETS_DIR", str(tmp_path / "nope"))
     with pytest.raises(SettingsError, match=r"^FLEETSCRIBE_SECRETS_DIR: .*nope is not a directory"):

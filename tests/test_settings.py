@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.settings import Settings, SettingsError, get_settings, load_settings
+from config.settings import Settings, SettingsError, load_settings
 
 
 @pytest.mark.parametrize(
@@ -45,12 +45,8 @@ def test_defaults_are_the_embedded_mode(monkeypatch, tmp_path):
 )
 def test_a_bad_value_is_named(monkeypatch, name, value, words):
     monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-    try:
-        with pytest.raises(SettingsError, match=words):
-            load_settings()
-    finally:
-        get_settings.cache_clear()
+    with pytest.raises(SettingsError, match=words):
+        load_settings()
 
 
 @pytest.mark.parametrize(

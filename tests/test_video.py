@@ -8,8 +8,8 @@ import av
 import numpy as np
 import pytest
 
-from producer.samples import frame_times, has_marker, make_samples, make_video, read_time
-from worker.video import probe, sample_frames, uniform_indices, uniform_targets
+from producer.clips import frame_times, has_marker, make_clips, make_video, read_time
+from video.media import probe, sample_frames, uniform_indices, uniform_targets
 
 SECONDS = 2.0
 
@@ -190,8 +190,8 @@ def test_night_clip_is_darker_than_day(clip):
     assert has_marker(night)
 
 
-def test_make_samples_writes_varied_usable_clips(tmp_path):
-    paths = make_samples(tmp_path, count=6)
+def test_make_clips_writes_varied_usable_clips(tmp_path):
+    paths = make_clips(tmp_path, count=6)
     assert len(paths) == len({p.name for p in paths}) == 6
     infos = [probe(p) for p in paths]
     assert {p.suffix for p in paths} >= {".mp4", ".mkv", ".webm", ".mov"}

@@ -10,8 +10,8 @@ import sys
 
 import click
 
-from worker.cli import run
-from worker.settings import load_settings
+from config.cli import run
+from config.settings import load_settings
 
 
 def prepare_store(settings) -> None:
@@ -56,20 +56,21 @@ def cli(ctx, gpus, concurrency, queues, loglevel, name) -> None:
         sys.exit(_supervise(gpu_ids, concurrency, queues, loglevel))
     if gpu_ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids[0]
-    from worker.tasks import warm_up
-
-    warm_up()
     slots = concurrency or 2 * settings.batch_size
-    _celery_worker(slots, queues, loglevel, name or _node_name(gpu_ids))
+    code = _celery_worker(settings, slots, queues, loglevel, name or _node_name(gpu_ids))
+    sys.exit(code)
 
 
 def _node_name(gpu_ids: list[str]) -> str:
     return f"describe-gpu{gpu_ids[0]}@%h" if gpu_ids else "describe@%h"
 
 
-def _celery_worker(concurrency: int, queues: str, loglevel: str, name: str) -> None:
-    from worker.app import app
+def _celery_worker(settings, concurrency: int, queues: str, loglevel: str, name: str) -> int:
+    """Run the Celery worker until it stops; its exit code. A start-up failure (the model
+    does not load) is raised as its one-line error."""
+    from worker.app import make_app
 
+    app = make_app(settings)
     argv = [
         "worker",
         f"--queues={queues}",
@@ -82,7 +83,10 @@ def _celery_worker(concurrency: int, queues: str, loglevel: str, name: str) -> N
         "--without-mingle",
         "--without-gossip",
     ]
-    app.worker_main(argv)
+    code = app.start(argv)
+    if app.startup_error is not None:
+        raise app.startup_error
+    return code or 0
 
 
 def _supervise(gpu_ids: list[str], concurrency: int | None, queues: str, loglevel: str) -> int:
@@ -106,24 +110,53 @@ def _supervise(gpu_ids: list[str], concurrency: int | None, queues: str, logleve
     return max(codes, key=abs)
 
 
-@cli.command(help="Describe video files in this process (no queue, nothing stored).")
+@cli.command(help="Flower, the Celery monitor, on the configured broker.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
+def flower(port: int) -> None:
+    # The shared configuration is enough (queues, Redis transport options): Flower needs
+    # no task code and no model. Basic auth: Flower's own FLOWER_BASIC_AUTH variable.
+    from broker.celery_app import make_celery
+
+    app = make_celery(load_settings())
+    sys.exit(app.start(["flower", f"--port={port}"]) or 0)
+
+
+@cli.command(help="Describe video files through the worker's pipeline (no queue, no store).")
 @click.argument("videos", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per video.")
-@click.option("--frames", "-k", type=int, default=None, help="Frames per video.")
+@click.option("--frames", "-k", type=click.IntRange(1, 64), default=None, help="Frames per video.")
 def describe(videos: tuple[str, ...], as_json: bool, frames: int | None) -> None:
-    from worker.oneshot import describe_files
+    from worker.lifecycle import WorkerRuntime
+    from worker.pipeline import describe_files
 
     settings = load_settings()
-    results = describe_files(list(videos), settings, frames=frames)
+    with WorkerRuntime.open(settings, with_store=False) as rt:
+        results = describe_files(rt, list(videos), frames=frames)
     if as_json:
         for result in results:
             click.echo(json.dumps(result, ensure_ascii=False))
     else:
-        from worker.oneshot import render
-
-        render(results)
+        _render(results)
     if any(r["status"] != "done" for r in results):
         sys.exit(1)
+
+
+def _render(results: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(header_style="bold")
+    for col in ("path", "status", "valid", "risk", "detail"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        if r["status"] != "done":
+            table.add_row(r["path"], r["status"], "", "", r["reason"])
+            continue
+        report = r["report"] or {}
+        risk = report.get("driving_parameters", {}).get("risk_factor", "")
+        detail = report.get("scene_description") or r["error"] or ""
+        table.add_row(r["path"], "done", str(r["valid"]).lower(), risk, detail[:200])
+    Console().print(table)
 
 
 if __name__ == "__main__":

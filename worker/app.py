@@ -1,105 +1,77 @@
-"""The Celery app: queues, JSON-only messages, late acks, and the per-process model hook.
+"""The describe worker's Celery app, built per process from its settings (never at import).
 
-Settings that carry the no-loss promise (docs/reliability in README):
-- task_acks_late + task_reject_on_worker_lost: a message is acknowledged only after its
-  report is committed; if the worker process dies mid-task the message goes back.
-- worker_prefetch_multiplier=1 with the threads pool: a GPU worker reserves exactly its
-  slots (2x batch_size: one batch on the GPU, one being prepared), so a dead worker
-  strands little and other workers get the rest.
-- visibility_timeout (Redis) above the hard time limit: an unacknowledged long task is not
-  handed to a second worker while the first still runs it.
-- the threads pool never forks, so CUDA is initialised once, in the worker's own process,
-  before it consumes (worker/__main__.py), and fork-after-CUDA cannot happen.
+`make_app(settings)` takes the shared configuration (`broker/celery_app.py`), registers
+the tasks (`worker/tasks.py`) and adds `Lifecycle`, the start-up step that opens this
+process's `WorkerRuntime` before the consumer starts and closes it at shutdown. The
+threads pool never forks, so CUDA is initialised once, in the worker's own process, after
+Celery has started and before any message is taken.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 
-from celery import Celery
-from kombu import Exchange, Queue
+from celery import Celery, bootsteps
+from celery.signals import worker_shutdown
 
-from worker.settings import Settings, get_settings
+from broker.celery_app import DESCRIBE_TASK, make_celery
+from config.errors import ExpectedError
+from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DESCRIBE_QUEUE = "describe"
-TRAIN_QUEUE = "train"
-DESCRIBE_TASK = "fleetscribe.describe"
-TRAIN_TASK = "fleetscribe.train"
-MAX_PRIORITY = 9
+
+class WorkerApp(Celery):
+    """A Celery app that knows its settings and, once started, its process's runtime."""
+
+    settings: Settings
+    runtime = None  # worker.lifecycle.WorkerRuntime, opened by Lifecycle
+    startup_error: ExpectedError | None = None
 
 
-def celery_config(settings: Settings) -> dict:
-    transport: dict = {}
-    if settings.embedded_broker:
-        folder = str(settings.broker_folder)
-        transport = {
-            "data_folder_in": folder,
-            "data_folder_out": folder,
-            "control_folder": str(settings.broker_folder / "control"),
-            "store_processed": False,
-            # The folder is polled; the default 1 s would cap a worker at one video a second.
-            "polling_interval": 0.1,
-        }
-    elif settings.broker_url.startswith(("redis://", "rediss://")):
-        transport = {
-            # Longer than any task may run, so a running task is never handed out twice.
-            "visibility_timeout": settings.redelivery_after,
-            "queue_order_strategy": "priority",
-            "priority_steps": list(range(MAX_PRIORITY + 1)),
-            "sep": ":",
-        }
-    return {
-        "broker_url": settings.broker_url,
-        "broker_transport_options": transport,
-        "broker_connection_retry_on_startup": True,
-        "task_serializer": "json",
-        "accept_content": ["json"],
-        "result_serializer": "json",
-        "event_serializer": "json",
-        "task_ignore_result": True,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "task_acks_on_failure_or_timeout": True,
-        "task_soft_time_limit": settings.task_soft_time_limit,
-        "task_time_limit": settings.task_time_limit,
-        "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_hijack_root_logger": False,
-        "task_default_queue": DESCRIBE_QUEUE,
-        "task_queues": [
-            Queue(
-                DESCRIBE_QUEUE,
-                Exchange(DESCRIBE_QUEUE),
-                routing_key=DESCRIBE_QUEUE,
-                queue_arguments={"x-max-priority": MAX_PRIORITY},
-            ),
-            Queue(TRAIN_QUEUE, Exchange(TRAIN_QUEUE), routing_key=TRAIN_QUEUE),
-        ],
-        "task_routes": {
-            DESCRIBE_TASK: {"queue": DESCRIBE_QUEUE},
-            TRAIN_TASK: {"queue": TRAIN_QUEUE},
-        },
-        "task_default_priority": 0,
-        "task_queue_max_priority": MAX_PRIORITY,
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
-    }
+class Lifecycle(bootsteps.StartStopStep):
+    """Opens the process's WorkerRuntime when the worker starts, before the consumer
+    (Celery's last step), so a worker whose model does not load never takes a message.
+
+    Closed after the pool has drained (worker_shutdown, sent once every step has stopped)
+    on a warm shutdown; at once on a cold one."""
+
+    def __init__(self, worker, **kwargs):
+        super().__init__(worker, **kwargs)
+
+    def start(self, worker) -> None:
+        from worker.lifecycle import WorkerRuntime
+
+        app: WorkerApp = worker.app
+        try:
+            app.runtime = WorkerRuntime.open(app.settings)
+        except ExpectedError as e:
+            app.startup_error = e  # `python -m worker` prints it as one line, exit 2
+            raise SystemExit(2) from None
+
+    def terminate(self, worker) -> None:
+        _close(worker.app)
 
 
-def make_app(settings: Settings | None = None) -> Celery:
-    settings = settings or get_settings()
-    if settings.embedded_broker:
-        (settings.broker_folder / "control").mkdir(parents=True, exist_ok=True)
-    celery = Celery("fleetscribe", include=["worker.tasks"])
-    celery.conf.update(celery_config(settings))
-    return celery
+def _close(app: WorkerApp) -> None:
+    if app.runtime is not None:
+        app.runtime.close()
 
 
-app = make_app()
+def make_app(settings: Settings) -> WorkerApp:
+    """This process's describe worker app."""
+    from worker import tasks
 
+    app = make_celery(settings, cls=WorkerApp)
+    # Print to the real stderr: a start-up error stays one plain line, not a log record.
+    app.conf.worker_redirect_stdouts = False
+    app.settings = settings
+    app.steps["worker"].add(Lifecycle)
+    app.task(name=DESCRIBE_TASK, bind=True, max_retries=8)(tasks.describe)
 
-def hostname() -> str:
-    return socket.gethostname()
+    @worker_shutdown.connect(weak=False)
+    def _closed(sender=None, **_):
+        if getattr(sender, "app", None) is app:
+            _close(app)
+
+    return app

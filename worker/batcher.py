@@ -2,7 +2,7 @@
 
 A Celery worker runs the `threads` pool with twice `batch_size` slots. Each slot takes one
 message, samples and prepares its video on the CPU, then `submit`s it here and waits. The
-device thread takes whatever is queued (up to the engine's batch limit), waits at most
+device thread takes whatever is queued (up to the runner's batch limit), waits at most
 `wait_s` for a partial batch to fill, runs it, and hands every slot its own answer or
 exception. While one batch is on the GPU the other half of the slots prepare the next, so
 a worker with a full queue keeps the GPU busy, and every message keeps its own late ack,
@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from worker.engine import Answer, Engine, Prepared
+from models.runner import Answer, ModelRunner, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,10 @@ class BatcherStats:
 
 
 class Batcher:
-    """Feeds an Engine from many threads; `submit` returns a Future of the video's Answer."""
+    """Feeds a ModelRunner from many threads; `submit` returns a Future of the video's Answer."""
 
-    def __init__(self, engine: Engine, *, wait_s: float = 0.05):
-        self.engine = engine
+    def __init__(self, runner: ModelRunner, *, wait_s: float = 0.05):
+        self.runner = runner
         self.wait_s = wait_s
         self.stats = BatcherStats()
         self._queue: queue.Queue[tuple[Prepared, Future] | None] = queue.Queue()
@@ -56,7 +56,7 @@ class Batcher:
 
     @contextmanager
     def preparing(self):
-        """Wrap a caller's CPU work (sampling, `engine.prepare`) and its `submit`, so a
+        """Wrap a caller's CPU work (sampling, `runner.prepare`) and its `submit`, so a
         partial batch knows more videos are on the way and waits for them."""
         with self._arrived:
             self._preparing += 1
@@ -75,7 +75,7 @@ class Batcher:
             self._queue.put((prepared, future))
         return future
 
-    def describe(self, prepared: Prepared, timeout: float | None = None) -> Answer:
+    def answer(self, prepared: Prepared, timeout: float | None = None) -> Answer:
         """Submit one video and wait for its answer."""
         return self.submit(prepared).result(timeout)
 
@@ -103,7 +103,7 @@ class Batcher:
         if first is None:
             return None
         batch = [first]
-        limit = self.engine.batch_limit(first[0].tokens)
+        limit = self.runner.batch_limit(first[0].tokens)
         now = time.monotonic()
         idle_deadline, final_deadline = now + self.wait_s, now + _MAX_WAITS * self.wait_s
         gather_deadline = now + _MAX_GATHER_S
@@ -149,7 +149,7 @@ class Batcher:
             answered.add(i)
 
         try:
-            answers = self.engine.generate([p for p, _ in live], ready=ready)
+            answers = self.runner.generate([p for p, _ in live], ready=ready)
         except Exception as e:
             rest = [item for i, item in enumerate(live) if i not in answered]
             if len(rest) == 1:
@@ -172,6 +172,6 @@ class Batcher:
 
     def _serve_one(self, prepared: Prepared, future: Future) -> None:
         try:
-            future.set_result(self.engine.generate([prepared])[0])
+            future.set_result(self.runner.generate([prepared])[0])
         except Exception as e:  # the waiting task records it; this thread lives on
             future.set_exception(e)

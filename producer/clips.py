@@ -250,7 +250,7 @@ _SAMPLES: list[tuple[str, dict]] = [
 ]
 
 
-def make_samples(directory: str | os.PathLike, count: int = 6, seed: int = 0) -> list[Path]:
+def make_clips(directory: str | os.PathLike, count: int = 6, seed: int = 0) -> list[Path]:
     """Write `count` varied sample clips (containers, codecs, night, VFR, rotated phone)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

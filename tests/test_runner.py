@@ -1,4 +1,4 @@
-"""The batched engine on the tiny model in float32: batching never changes an answer."""
+"""The batched runner on the tiny model in float32: batching never changes an answer."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import threading
 
 import pytest
 import torch
+from helpers import make_runner
 
+from models.errors import GenerationError
 from models.prompt import build_messages
+from models.runner import Answer, ModelRunner, Prepared
 from worker.batcher import Batcher
-from worker.engine import Answer, Engine, Prepared
-from worker.errors import EngineError
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,8 @@ def videos(random_videos):
 @pytest.fixture(scope="module")
 def single(loaded, videos):
     """Each video's answer when it runs alone: the reference every batched run must match."""
-    engine = Engine(loaded, max_new_tokens=10, batch_size=1, constrained=False)
-    return [engine.describe([v])[0] for v in videos]
+    runner = make_runner(loaded, max_new_tokens=10, batch_size=1, constrained=False)
+    return [runner.answer([v])[0] for v in videos]
 
 
 def _same(answers, reference) -> None:
@@ -39,22 +40,24 @@ def _same(answers, reference) -> None:
 
 @pytest.mark.parametrize("batch_size", [3, 8, 20])
 def test_batched_greedy_equals_one_at_a_time_for_every_video(loaded, videos, single, batch_size):
-    engine = Engine(loaded, max_new_tokens=10, batch_size=batch_size, constrained=False)
-    answers = engine.describe(videos)
+    runner = make_runner(loaded, max_new_tokens=10, batch_size=batch_size, constrained=False)
+    answers = runner.answer(videos)
     _same(answers, single)
     assert max(a.batch_size for a in answers) == batch_size
 
 
 def test_static_cache_and_padded_prompts_change_nothing(loaded, videos, single):
     # The GPU path: one static KV cache and prompts padded up to a multiple of 64 tokens.
-    engine = Engine(loaded, max_new_tokens=10, batch_size=6, static_cache=True, constrained=False)
-    _same(engine.describe(videos), single)
+    runner = make_runner(
+        loaded, max_new_tokens=10, batch_size=6, static_cache=True, constrained=False
+    )
+    _same(runner.answer(videos), single)
 
 
 def test_collate_builds_what_the_processor_builds_for_the_batch(loaded, videos):
-    engine = Engine(loaded, max_new_tokens=4, batch_size=8, constrained=False)
+    runner = make_runner(loaded, max_new_tokens=4, batch_size=8, constrained=False)
     batch = videos[:5]
-    collated = engine.collate([engine.prepare(v) for v in batch])
+    collated = runner.collate([runner.prepare(v) for v in batch])
     processor = loaded.processor
     texts = [
         processor.apply_chat_template(
@@ -70,8 +73,8 @@ def test_collate_builds_what_the_processor_builds_for_the_batch(loaded, videos):
         assert torch.equal(collated[key], value), key
 
 
-class OutOfMemoryAbove(Engine):
-    """An engine whose device 'runs out of memory' for batches larger than `fits`."""
+class OutOfMemoryAbove(ModelRunner):
+    """An runner whose device 'runs out of memory' for batches larger than `fits`."""
 
     def __init__(self, *args, fits: int, **kwargs):
         super().__init__(*args, **kwargs)
@@ -88,31 +91,35 @@ class OutOfMemoryAbove(Engine):
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_every_answer(loaded, videos, single):
-    engine = OutOfMemoryAbove(loaded, max_new_tokens=10, batch_size=8, fits=3, constrained=False)
-    answers = engine.describe(videos)
+    runner = make_runner(
+        loaded, OutOfMemoryAbove, max_new_tokens=10, batch_size=8, fits=3, constrained=False
+    )
+    answers = runner.answer(videos)
     _same(answers, single)
-    assert engine.tried[:3] == [8, 4, 2]  # halved until it fits
+    assert runner.tried[:3] == [8, 4, 2]  # halved until it fits
     # The rest, and later batches, run at the size that fitted rather than failing again.
-    assert max(engine.tried[3:]) == 2
-    assert engine.batch_limit(100) == 2
+    assert max(runner.tried[3:]) == 2
+    assert runner.batch_limit(100) == 2
 
 
 def test_a_single_video_that_does_not_fit_is_a_clear_error(loaded, videos):
-    engine = OutOfMemoryAbove(loaded, max_new_tokens=4, batch_size=4, fits=0, constrained=False)
-    with pytest.raises(EngineError, match="out of GPU memory for a single video"):
-        engine.describe(videos[:2])
+    runner = make_runner(
+        loaded, OutOfMemoryAbove, max_new_tokens=4, batch_size=4, fits=0, constrained=False
+    )
+    with pytest.raises(GenerationError, match="out of GPU memory for a single video"):
+        runner.answer(videos[:2])
 
 
 def test_batcher_gathers_many_threads_into_batches(loaded, videos, single):
-    engine = Engine(loaded, max_new_tokens=10, batch_size=8, constrained=False)
-    batcher = Batcher(engine, wait_s=0.5)
+    runner = make_runner(loaded, max_new_tokens=10, batch_size=8, constrained=False)
+    batcher = Batcher(runner, wait_s=0.5)
     results: dict[int, object] = {}
     start = threading.Barrier(len(videos))
 
     def task(i: int) -> None:
-        prepared = engine.prepare(videos[i])
+        prepared = runner.prepare(videos[i])
         start.wait()
-        results[i] = batcher.describe(prepared, timeout=120)
+        results[i] = batcher.answer(prepared, timeout=120)
 
     threads = [threading.Thread(target=task, args=(i,)) for i in range(len(videos))]
     for t in threads:
@@ -127,9 +134,9 @@ def test_batcher_gathers_many_threads_into_batches(loaded, videos, single):
 
 
 def test_one_broken_input_fails_alone_and_the_batcher_lives_on(loaded, videos, single):
-    engine = Engine(loaded, max_new_tokens=10, batch_size=4, constrained=False)
-    batcher = Batcher(engine, wait_s=0.5)
-    good = [engine.prepare(v) for v in videos[:3]]
+    runner = make_runner(loaded, max_new_tokens=10, batch_size=4, constrained=False)
+    batcher = Batcher(runner, wait_s=0.5)
+    good = [runner.prepare(v) for v in videos[:3]]
     broken = Prepared(dict(good[0].tensors))
     broken.tensors["pixel_values"] = broken.tensors["pixel_values"][:5]  # not its grid's size
     futures = [batcher.submit(p) for p in [good[0], broken, good[1], good[2]]]
@@ -138,11 +145,11 @@ def test_one_broken_input_fails_alone_and_the_batcher_lives_on(loaded, videos, s
     assert not isinstance(caught.value, TimeoutError)
     _same([futures[i].result(timeout=120) for i in (0, 2, 3)], single[:3])
     # The GPU thread survived: a later video is still answered.
-    _same([batcher.describe(engine.prepare(videos[3]), timeout=120)], [single[3]])
+    _same([batcher.answer(runner.prepare(videos[3]), timeout=120)], [single[3]])
     batcher.close()
 
 
-class TwoPasses(Engine):
+class TwoPasses(ModelRunner):
     """No model: the first pass finishes rows 0 and 2 of a batch; the second pass (the
     whole bound, for rows 1 and 3) waits until the test lets it go."""
 
@@ -160,15 +167,15 @@ class TwoPasses(Engine):
 
 
 def test_finished_answers_are_handed_out_before_the_second_pass(loaded):
-    engine = TwoPasses(loaded, max_new_tokens=10, batch_size=4, first_pass_tokens=8)
-    assert engine.first_pass_tokens == 8 < engine.answer_tokens
-    batcher = Batcher(engine, wait_s=0.5)
+    runner = make_runner(loaded, TwoPasses, max_new_tokens=10, batch_size=4, first_pass_tokens=8)
+    assert runner.first_pass_tokens == 8 < runner.answer_tokens
+    batcher = Batcher(runner, wait_s=0.5)
     futures = [batcher.submit(Prepared({"input_ids": torch.zeros(1, 5)})) for _ in range(4)]
-    assert engine.second_pass.wait(30)
+    assert runner.second_pass.wait(30)
     # while the long answers are described again, the finished ones are already out
     assert [f.done() for f in futures] == [True, False, True, False]
     assert [futures[i].result().text for i in (0, 2)] == ["first", "first"]
-    engine.go_on.set()
+    runner.go_on.set()
     again = [futures[i].result(timeout=30) for i in (1, 3)]
     assert [(a.text, round(a.latency_s, 2)) for a in again] == [("second", 0.3)] * 2
     batcher.close()
@@ -179,9 +186,9 @@ def test_finished_answers_are_handed_out_before_the_second_pass(loaded):
 def test_a_partial_batch_waits_for_videos_still_being_prepared(loaded, videos, announced):
     """Slow preparations (decoding under load) arrive well apart: announced through
     `preparing()`, they still go as one batch; unannounced, the idle timer splits them."""
-    engine = Engine(loaded, max_new_tokens=2, batch_size=4, constrained=False)
-    batcher = Batcher(engine, wait_s=0.05)
-    ready = [engine.prepare(v) for v in videos[:4]]
+    runner = make_runner(loaded, max_new_tokens=2, batch_size=4, constrained=False)
+    batcher = Batcher(runner, wait_s=0.05)
+    ready = [runner.prepare(v) for v in videos[:4]]
     started = threading.Barrier(4)
 
     def task(i: int) -> None:
@@ -211,7 +218,7 @@ def test_a_partial_batch_waits_for_videos_still_being_prepared(loaded, videos, a
 def test_chunked_prefill_changes_no_answer(loaded, videos, single):
     """Prompts prefilled 64 tokens at a time (into a static cache, left-padded batch)
     answer exactly as each video alone, prefilled whole."""
-    engine = Engine(
+    runner = make_runner(
         loaded,
         max_new_tokens=10,
         batch_size=8,
@@ -219,5 +226,5 @@ def test_chunked_prefill_changes_no_answer(loaded, videos, single):
         prefill_chunk=64,
         constrained=False,
     )
-    assert max(engine.prepare(v).tokens for v in videos) > 2 * 64  # several chunks each
-    _same(engine.describe(videos), single)
+    assert max(runner.prepare(v).tokens for v in videos) > 2 * 64  # several chunks each
+    _same(runner.answer(videos), single)

@@ -1,4 +1,4 @@
-"""The describe engine: sampled videos in, model answers out, batched on one device.
+"""The model runner: sampled frames in, model answers out, batched on one device.
 
 Work is split in two so the GPU never waits on the CPU:
 - `prepare` (any thread, CPU only): chat template, tokenisation and image preprocessing
@@ -9,7 +9,9 @@ Work is split in two so the GPU never waits on the CPU:
   The batch is bounded by `batch_size` and by what the GPU memory (and an optional cap)
   holds; a CUDA out-of-memory error halves the batch and retries instead of failing it.
 
-One Engine per worker process, never per task (see worker/app.py).
+`build_runner` makes one per process (a describe worker's lifecycle, a training job's
+evaluation, the benchmarks): it loads the model and then takes each process-wide step
+(memory cap, compile permission, grammar) once, by name. Knows no queue and no SQL.
 """
 
 from __future__ import annotations
@@ -18,24 +20,24 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from models.loader import LoadedModel, load_describer
+from models.compat import allow_compiling_nf4
+from models.errors import GenerationError
+from models.loader import LoadedModel, load_model
+from models.memory import GpuMemory, apply_memory_cap
 from models.prompt import PROMPT_VERSION, build_messages
-from worker.errors import EngineError
-from worker.settings import Settings
 
-if TYPE_CHECKING:  # PyAV is not needed to run the model
-    from worker.video import SampledVideo
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from models.decoding import ReportGrammar
 
 log = logging.getLogger(__name__)
 
 # Token-level tensors that are padded on the left; everything else is concatenated.
 _PADDED = ("input_ids", "attention_mask", "mm_token_type_ids")
-# Memory kept free for the allocator's fragmentation and CUDA's own needs.
-_HEADROOM = 0.85
 # Prompt lengths are padded up to a multiple of this, so the static cache and any compiled
 # graphs see a handful of shapes instead of one per batch.
 _PAD_MULTIPLE = 64
@@ -65,60 +67,96 @@ class Prepared:
         return int(self.tensors["input_ids"].shape[1])
 
 
-class Engine:
-    """Holds the loaded model; `describe` runs a list of videos in batches."""
+class Frames(Protocol):
+    """What the runner reads of a sampled video (video.media.SampledVideo is one)."""
+
+    frames: Sequence[Any]  # upright RGB arrays
+    timestamps: Sequence[float]
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """The runner's knobs, in one place (the per-process steps are `build_runner`'s)."""
+
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    # None: a static KV cache on CUDA (allocated once per batch shape instead of growing by
+    # a concat at every step); on the CPU the dynamic cache is as fast and uses less memory.
+    static_cache: bool | None = None
+    compile: str = "off"  # torch.compile mode of the decode step: off|default|reduce-overhead
+    min_new_tokens: int = 0  # benchmarks, unconstrained only: force a fixed answer length
+    prefill_chunk: int = 0  # prefill prompts this many tokens at a time (0: whole)
+    first_pass_tokens: int = 0  # under the grammar: room of the first pass (0: the bound)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerConfig:
+        return cls(
+            max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size,
+            compile=settings.compile,
+            min_new_tokens=settings.min_new_tokens,
+            prefill_chunk=settings.prefill_chunk,
+            first_pass_tokens=settings.first_pass_tokens,
+        )
+
+
+def build_runner(settings: Settings) -> ModelRunner:
+    """Load the model and make this process's runner, taking each process-wide step once:
+    the GPU memory cap, the NF4 compile permission (a documented compatibility patch) and
+    the report grammar. A ModelError says what is wrong."""
+    loaded = load_model(settings.model, quant=settings.quant, adapter=settings.adapter)
+    config = RunnerConfig.from_settings(settings)
+    memory_cap = apply_memory_cap(loaded.device, settings.gpu_memory_gib)
+    if config.compile != "off" and loaded.quant == "nf4":
+        allow_compiling_nf4(loaded.model)
+    grammar = report_grammar(loaded) if settings.constrained else None
+    return ModelRunner(loaded, config, grammar=grammar, memory_cap=memory_cap)
+
+
+class ModelRunner:
+    """Holds the loaded model; `generate` runs prepared videos in memory-sized batches."""
 
     def __init__(
         self,
         loaded: LoadedModel,
+        config: RunnerConfig | None = None,
         *,
-        max_new_tokens: int,
-        batch_size: int,
-        memory_gib: float = 0.0,
-        static_cache: bool | None = None,
-        compile: str = "",
-        min_new_tokens: int = 0,
-        constrained: bool = True,
-        prefill_chunk: int = 0,
-        first_pass_tokens: int = 0,
+        grammar: ReportGrammar | None = None,
+        memory_cap: int = 0,
     ):
+        config = config or RunnerConfig()
         self.loaded = loaded
+        self.config = config
+        constrained = grammar is not None
+        # Schema-constrained decoding (models/grammar.py): every answer is a valid report.
+        self.grammar = grammar
         # Benchmarks force a fixed answer length; never under the grammar, where it would
         # force tokens past the closing brace.
-        self.min_new_tokens = 0 if constrained else min_new_tokens
-        self.batch_size = batch_size
+        self.min_new_tokens = 0 if constrained else config.min_new_tokens
+        self.batch_size = config.batch_size
         self.prompt_version = PROMPT_VERSION
         self.on_cuda = loaded.device.startswith("cuda")
-        # A static cache is allocated once per batch shape instead of growing by a concat at
-        # every step; on the CPU the dynamic cache is as fast and uses less memory.
-        self.static_cache = self.on_cuda if static_cache is None else static_cache
+        self.static_cache = self.on_cuda if config.static_cache is None else config.static_cache
         # torch.compile mode of the decode step ("default", "reduce-overhead"); "" = eager.
-        self.compile = "" if compile in ("", "off") else compile
-        self.prefill_chunk = prefill_chunk
-        # Schema-constrained decoding (models/grammar.py): every answer is a valid report.
-        self.grammar = _report_grammar(loaded) if constrained else None
+        self.compile = "" if config.compile in ("", "off") else config.compile
+        self.prefill_chunk = config.prefill_chunk
         # The longest answer a batch may need room for (static cache, memory sizing): under
         # the grammar, never less than its longest admitted answer, so none is cut off.
-        self.answer_tokens = max_new_tokens
+        self.answer_tokens = config.max_new_tokens
         if constrained:
             from models.grammar import MAX_FRAMES, worst_case_chars
 
-            self.answer_tokens = max(max_new_tokens, worst_case_chars(MAX_FRAMES) + 1)
+            self.answer_tokens = max(config.max_new_tokens, worst_case_chars(MAX_FRAMES) + 1)
         # Under the grammar, batches first run with room for this many answer tokens (0: the
         # whole bound). The few answers still being written then are described again, with
         # room for the whole bound: so memory is sized for real answers, not the longest
         # admitted, and an answer that runs long no longer holds its whole batch.
         self.first_pass_tokens = self.answer_tokens
-        if constrained and 0 < first_pass_tokens < self.answer_tokens:
-            self.first_pass_tokens = first_pass_tokens
+        if constrained and 0 < config.first_pass_tokens < self.answer_tokens:
+            self.first_pass_tokens = config.first_pass_tokens
         self._lock = threading.Lock()  # one generate at a time on the device
-        self._bytes_per_token: float | None = None  # measured after each batch
-        # The most GPU memory any batch has used (weights included), since the last reset.
-        self.peak_memory = 0
+        self.memory = GpuMemory(loaded, cap=memory_cap)
         self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
-        self._memory_cap = apply_memory_cap(loaded.device, memory_gib) if self.on_cuda else 0
-        if self.compile and loaded.quant == "nf4":
-            _allow_compiling_nf4(loaded.model)
 
     @property
     def model_id(self) -> str:
@@ -128,24 +166,9 @@ class Engine:
     def adapter(self) -> str:
         return self.loaded.adapter
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Engine:
-        loaded = load_describer(settings.model, quant=settings.quant, adapter=settings.adapter)
-        return cls(
-            loaded,
-            max_new_tokens=settings.max_new_tokens,
-            batch_size=settings.batch_size,
-            memory_gib=settings.gpu_memory_gib,
-            compile=settings.compile,
-            min_new_tokens=settings.min_new_tokens,
-            constrained=settings.constrained,
-            prefill_chunk=settings.prefill_chunk,
-            first_pass_tokens=settings.first_pass_tokens,
-        )
-
     # -- CPU side -------------------------------------------------------------------------
 
-    def prepare(self, video: SampledVideo) -> Prepared:
+    def prepare(self, video: Frames) -> Prepared:
         """Tokenise and preprocess one video's frames (CPU only; safe from any thread)."""
         processor = self.loaded.processor
         text = processor.apply_chat_template(
@@ -177,7 +200,7 @@ class Engine:
 
     # -- device side ----------------------------------------------------------------------
 
-    def describe(self, videos: list[SampledVideo]) -> list[Answer]:
+    def answer(self, videos: Sequence[Frames]) -> list[Answer]:
         """One answer per video, in order (prepares on this thread, then generates)."""
         return self.generate([self.prepare(v) for v in videos])
 
@@ -225,19 +248,8 @@ class Engine:
         """How many videos of about `tokens` prompt tokens one batch may hold, each with
         room for `answer_tokens` (default: the first pass's)."""
         limit = min(self.batch_size, self._oom_limit or self.batch_size)
-        if not self.on_cuda:
-            return limit
-        import torch
-
-        device = self.loaded.device
-        free, _ = torch.cuda.mem_get_info(device)
-        usable = free + torch.cuda.memory_reserved(device)  # the allocator's cache is reusable
-        if self._memory_cap:
-            usable = min(usable, self._memory_cap)
-        budget = usable * _HEADROOM - torch.cuda.memory_allocated(device)
-        per_token = self._bytes_per_token or _estimated_bytes_per_token(self.loaded)
-        per_video = per_token * (tokens + (answer_tokens or self.first_pass_tokens))
-        return max(1, min(limit, int(budget // per_video)))
+        fits = self.memory.rows(tokens + (answer_tokens or self.first_pass_tokens))
+        return limit if fits is None else max(1, min(limit, fits))
 
     def _generate_or_split(self, batch: list[Prepared], answer_tokens: int) -> list[Answer]:
         import torch
@@ -264,10 +276,9 @@ class Engine:
             return self._generate_or_split(batch, answer_tokens)
         # Retry only out here: inside the except block the traceback still holds the failed
         # batch's activations and KV cache, so every retry would run out of memory too.
-        if self.on_cuda:
-            torch.cuda.empty_cache()
+        self.memory.release()
         if len(batch) == 1:
-            raise EngineError(
+            raise GenerationError(
                 f"out of GPU memory for a single video ({batch[0].tokens} prompt tokens)"
             )
         half = len(batch) // 2
@@ -309,30 +320,13 @@ class Engine:
             options["compile_config"] = CompileConfig(mode=self.compile)
         else:
             options["disable_compile"] = True
-        with self._lock, torch.inference_mode():
-            if self.on_cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
+        rows, row_tokens = len(batch), prompt_len + answer_tokens
+        with self._lock, torch.inference_mode(), self.memory.measured(rows, row_tokens):
             out = self.loaded.model.generate(**inputs, **options)
             new = out[:, prompt_len:].cpu()
-            if self.on_cuda:
-                self._learn_memory(base, len(batch), prompt_len + answer_tokens)
         elapsed = time.perf_counter() - began
         log.info("batch of %d x %d tokens in %.2f s", len(batch), prompt_len, elapsed)
         return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
-
-    def _learn_memory(self, base: int, rows: int, row_tokens: int) -> None:
-        """Remember the peak bytes a batch used per token, to size the next batches."""
-        import torch
-
-        total = torch.cuda.max_memory_allocated(self.loaded.device)
-        self.peak_memory = max(self.peak_memory, total)
-        peak = total - base
-        per_token = peak / (rows * row_tokens)
-        self._bytes_per_token = max(per_token, self._bytes_per_token or 0.0)
-        log.info(
-            "batch of %d: peak %.2f GiB, %.2f above the weights", rows, total / 2**30, peak / 2**30
-        )
 
     def _decode(self, new, prompt_tokens: list[int], elapsed: float) -> list[Answer]:
         tokenizer = self.loaded.processor.tokenizer
@@ -353,68 +347,15 @@ class Engine:
         return answers
 
 
-def _report_grammar(loaded: LoadedModel):
-    from models.grammar import ReportGrammar
+def report_grammar(loaded: LoadedModel) -> ReportGrammar:
+    """The report grammar compiled for this model's tokenizer (one per process)."""
+    from models.decoding import ReportGrammar
 
     vocab = loaded.model.config.get_text_config().vocab_size
     return ReportGrammar(loaded.processor.tokenizer, vocab)
-
-
-def _estimated_bytes_per_token(loaded: LoadedModel) -> float:
-    """Before the first batch is measured: KV cache plus prefill activations, per token."""
-    import torch
-
-    text = loaded.model.config.get_text_config()
-    size = torch.finfo(loaded.compute_dtype).bits // 8
-    head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
-    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * size
-    activations = 2 * (3 * text.intermediate_size + 8 * text.hidden_size) * size
-    return float(kv + activations)
-
-
-def apply_memory_cap(device: str, memory_gib: float) -> int:
-    """Cap this process's CUDA allocations (FLEETSCRIBE_GPU_MEMORY_GIB); 0 means the card."""
-    if not memory_gib:
-        return 0
-    import torch
-
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    total = torch.cuda.get_device_properties(index).total_memory
-    cap = int(memory_gib * 2**30)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
-    return min(cap, total)
-
-
-def _allow_compiling_nf4(model) -> None:
-    """Let `generate` compile the decode step of a bitsandbytes 4-bit model.
-
-    bitsandbytes (0.46 on, torch 2.8 on) registers its 4-bit matmul as torch custom ops, so
-    `Linear4bit` compiles without graph breaks (bitsandbytes PR #1616); transformers' bnb
-    quantizer still answers `is_compileable = False`, which makes `generate` run every
-    decode step eagerly. The step then costs ~110 ms of Python at any batch size."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is None or quantizer.is_compileable:
-        return
-    base = type(quantizer)
-    model.hf_quantizer.__class__ = type(base.__name__, (base,), {"is_compileable": True})
-    log.info("compiling the decode step of the 4-bit model")
 
 
 def _as_list(value) -> list[int]:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
-
-
-_engine: Engine | None = None
-_engine_lock = threading.Lock()
-
-
-def get_engine(settings: Settings) -> Engine:
-    """This process's engine, loaded on first use."""
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = Engine.from_settings(settings)
-        return _engine

@@ -1,4 +1,5 @@
-"""Video files: probe (is it usable, and what is it) and uniform frame sampling by timestamp.
+"""Video through PyAV: probe a file (is it usable, and what is it) and sample frames by
+timestamp.
 
 Sampling seeks to each target time instead of decoding the whole file, so a half-hour 4K
 file costs k short decodes. Timestamps come from the stream, so variable frame rate is
@@ -8,16 +9,14 @@ by demuxing packets without decoding them.
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import av
 import numpy as np
 
-from worker.errors import PathNotAllowed, VideoError
+from video.errors import VideoError
+from video.files import check_file
 
 MAX_SIDE = 8192  # larger frames are refused: no dash-cam records them, decoders choke on them
 MAX_PIXELS = 8192 * 4320  # 35.4 megapixels: DCI 8K; a larger picture is refused too
@@ -55,42 +54,6 @@ class SampledVideo:
     info: VideoInfo
     frames: list[np.ndarray] = field(repr=False)
     timestamps: list[float]
-
-
-def check_allowed(path: str | os.PathLike, roots: list[Path]) -> Path:
-    """The real path of `path`, refused if it lies outside every root (symlinks resolved)."""
-    real = Path(os.path.realpath(path))
-    if not roots:
-        return real
-    for root in roots:
-        real_root = Path(os.path.realpath(root))
-        if real == real_root or real.is_relative_to(real_root):
-            return real
-    raise PathNotAllowed(f"outside FLEETSCRIBE_VIDEO_ROOTS: {path}")
-
-
-def check_file(path: str) -> int:
-    """The size of a readable, non-empty regular file; VideoError says why not.
-
-    A FIFO, device or socket is refused before anything opens it: reading one can block
-    for ever."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise VideoError("no such file") from None
-    except PermissionError:
-        raise VideoError("cannot read: permission denied") from None
-    except OSError as e:
-        raise VideoError(f"cannot read: {os.strerror(e.errno or errno.EIO)}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise VideoError("is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise VideoError("not a regular file (a FIFO, device or socket): refused unread")
-    if st.st_size == 0:
-        raise VideoError("empty file (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise VideoError("cannot read: permission denied")
-    return st.st_size
 
 
 def _open(path: str) -> av.container.InputContainer:

@@ -8,13 +8,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from db.errors import StoreError
-from models.errors import ModelError
-from producer.errors import ProducerError
-from worker.errors import WorkerError
-from worker.settings import SettingsError
-
-EXPECTED_ERRORS = (SettingsError, StoreError, ModelError, ProducerError, WorkerError)
+from config.errors import ExpectedError
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -29,7 +23,7 @@ def run(command: click.Command, prog_name: str) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except EXPECTED_ERRORS as e:
+    except ExpectedError as e:
         err_console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Exit as e:

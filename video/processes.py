@@ -1,4 +1,4 @@
-"""Frame sampling (and the producer's probing) in killable child processes.
+"""Killable child processes for reading video: the producer's probing, the worker's frames.
 
 A worker's task slots are threads, and a thread stuck inside FFmpeg (a decoder that loops,
 a file whose open or read blocks) can never be stopped. So each video is decoded in a
@@ -11,7 +11,6 @@ The producer hashes and probes files through the same kind of pool (`KillablePoo
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import signal
@@ -20,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from worker.errors import VideoError
-from worker.settings import Settings
-from worker.video import SampledVideo, check_allowed, sample_frames
+from video.errors import VideoError
+from video.files import check_allowed
+from video.media import SampledVideo, sample_frames
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +31,17 @@ T = TypeVar("T")
 def sample_enqueued(
     path: str, k: int, *, expected_bytes: int | None, roots: list[Path], max_side: int
 ) -> SampledVideo:
-    """The video's frames, if it is still the allowed, unchanged file that was enqueued.
+    """The video's frames, if it is still the allowed, unchanged file that was enqueued
+    (`expected_bytes`; None: a file given directly, checked as it is).
 
     Runs in a decoding process: even resolving the path can block on a stalled mount."""
     real = check_allowed(path, roots)
+    if expected_bytes is None:  # not enqueued (`worker describe`): the file as it is now
+        return sample_frames(real, k, max_side=max_side)
     size = os.path.getsize(real) if real.exists() else None
     if size is None:
         raise VideoError("the file is gone since it was enqueued")
-    if expected_bytes is not None and size != expected_bytes:
+    if size != expected_bytes:
         raise VideoError(
             f"the file changed since it was enqueued ({size} bytes, was {expected_bytes})"
         )
@@ -128,20 +130,13 @@ class KillablePool:
                 self._pool = None
 
 
-class Sampler(KillablePool):
-    """The worker's decoding processes; `sample` is thread-safe."""
+class FrameSampler(KillablePool):
+    """A describe worker's decoding processes; `sample` is thread-safe. The worker's
+    lifecycle makes one and closes it at shutdown."""
 
     def __init__(self, *, processes: int, timeout_s: float, memory_gib: float):
         super().__init__(
             processes=processes, timeout_s=timeout_s, memory_gib=memory_gib, what="frame decoding"
-        )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Sampler:
-        return cls(
-            processes=settings.decode_processes,
-            timeout_s=settings.decode_timeout_s,
-            memory_gib=settings.decode_memory_gib,
         )
 
     def sample(
@@ -162,26 +157,3 @@ def _death(exitcode: int | None) -> str:
         hint = " (out of memory?)" if name == "SIGKILL" else ""
         return f"its process died of {name}{hint}"
     return f"its process exited with status {exitcode}"
-
-
-_sampler: Sampler | None = None
-_sampler_lock = threading.Lock()
-
-
-def get_sampler(settings: Settings) -> Sampler:
-    """This process's sampler, made on first call; its processes stop at exit."""
-    global _sampler
-    with _sampler_lock:
-        if _sampler is None:
-            _sampler = Sampler.from_settings(settings)
-            atexit.register(close_sampler)
-        return _sampler
-
-
-def close_sampler() -> None:
-    """Stop this process's decoding processes, if any were started (worker shutdown)."""
-    global _sampler
-    with _sampler_lock:
-        sampler, _sampler = _sampler, None
-    if sampler is not None:
-        sampler.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,7 +16,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from models.loader import Quant
+from config.errors import SettingsError
 
 DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 # Docker-secrets style: a folder holding one file per setting, named like its variable in
@@ -39,7 +38,8 @@ class Settings(BaseSettings):
 
     model: str = DEFAULT_MODEL
     adapter: str | None = None
-    quant: Quant = Quant.NF4
+    # nf4: 4-bit NormalFloat + double quantisation (QLoRA, CUDA); fp32 for the CPU.
+    quant: Literal["nf4", "fp16", "bf16", "fp32"] = "nf4"
     frames: int = Field(8, ge=1, le=64)
     frame_max_side: int = Field(640, ge=32, le=4096)
     max_new_tokens: int = Field(512, ge=1, le=8192)
@@ -180,22 +180,13 @@ def hide_password(url: str) -> str:
     return _URL_PASSWORD.sub(r"\1***@", url)
 
 
-@lru_cache
-def get_settings() -> Settings:
-    """The process's settings, read once from the environment."""
-    return Settings()
-
-
-class SettingsError(Exception):
-    """A FLEETSCRIBE_* variable holds a value that cannot be used."""
-
-
 def load_settings() -> Settings:
-    """Like :func:`get_settings`, but a bad value becomes one readable line."""
+    """The settings, read from the environment (and SECRETS_DIR) now; a bad value becomes
+    one readable line (SettingsError). Each entry point reads them once, at start-up."""
     from pydantic import ValidationError
 
     try:
-        return get_settings()
+        return Settings()
     except ValidationError as e:
         problems = []
         for err in e.errors():

@@ -1,0 +1,151 @@
+"""One video through the describe pipeline: sample its frames (killable decoding), batch it
+onto the GPU with the other slots' videos, validate the answer, build the report.
+
+The Celery task (`describe_video`: claim, run, store) and `python -m worker describe`
+(`describe_files`: run, print) share every step here, so the JSON the command prints is
+the report a worker stores.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+from db import store
+from db.models import FINAL_STATES, VideoState
+from db.session import session_scope
+from models.errors import ModelError
+from models.runner import Answer
+from models.schema import SCHEMA_VERSION, parse_report
+from video.errors import VideoError
+from video.media import SampledVideo
+from worker.lifecycle import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def run_video(
+    rt: WorkerRuntime, path: str, k: int, *, expected_bytes: int | None = None
+) -> tuple[SampledVideo, Answer]:
+    """Sample `path` and get the model's answer through the process's batcher.
+
+    Raises VideoError (the file) or ModelError (the model), each with its one-line reason,
+    or TimeoutError when no answer came within the task soft time limit."""
+    settings = rt.settings
+    # The GPU thread batches this video with the other tasks' videos; while this one is
+    # decoded and preprocessed, a partial batch waits for it.
+    with rt.batcher.preparing():
+        # Decoded in a child process that is killed after decode_timeout_s: a thread stuck
+        # in FFmpeg could never be stopped. It checks the file is still the allowed,
+        # unchanged one that was enqueued.
+        sampled = rt.sampler.sample(
+            path,
+            k,
+            expected_bytes=expected_bytes,
+            roots=settings.video_roots,
+            max_side=settings.frame_max_side,
+        )
+        pending = rt.batcher.submit(rt.runner.prepare(sampled))
+    return sampled, pending.result(timeout=settings.task_soft_time_limit)
+
+
+def build_report(
+    rt: WorkerRuntime, sampled: SampledVideo, answer: Answer, *, video_id: int | None
+) -> store.NewReport:
+    """The report row for one answer: validated against schema v1, with its provenance."""
+    parsed = parse_report(answer.text, frames=len(sampled.timestamps))
+    return store.NewReport(
+        video_id=video_id,
+        model=rt.runner.model_id,
+        adapter=rt.runner.adapter,
+        prompt_version=rt.runner.prompt_version,
+        schema_version=SCHEMA_VERSION,
+        raw_text=answer.text,
+        report=parsed.report,
+        error=parsed.error,
+        frame_timestamps=sampled.timestamps,
+        tokens_in=answer.tokens_in,
+        tokens_out=answer.tokens_out,
+        latency_s=round(answer.latency_s, 4),
+        worker_host=rt.host,
+        hazards=(parsed.report or {}).get("hazards", []),
+    )
+
+
+def fail(rt: WorkerRuntime, video_id: int, reason: str) -> None:
+    """Mark a video failed with its one-line reason."""
+    with session_scope(rt.sessions) as session:
+        store.record_failure(session=session, video_id=video_id, reason=reason)
+    log.warning("video %s failed: %s", video_id, reason)
+
+
+def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int | None) -> str:
+    """Run one queued video to a final state and store it; returns that state's name."""
+    runner = rt.runner
+    with session_scope(rt.sessions) as session:
+        video = store.start_attempt(session=session, video_id=video_id, worker=rt.host)
+        if video is None:
+            log.error("video %s is not in the store; message dropped", video_id)
+            return "missing"
+        if video.state in FINAL_STATES:
+            return video.state.value  # a redelivered message for a finished video
+        done = store.find_report(
+            session=session,
+            video_id=video_id,
+            model=runner.model_id,
+            adapter=runner.adapter,
+            prompt_version=runner.prompt_version,
+        )
+        if done is not None:
+            video.state = VideoState.DONE
+            return VideoState.DONE.value
+        expected_bytes = video.bytes
+        k = frames or video.frames or rt.settings.frames
+
+    try:
+        sampled, answer = run_video(rt, path, k, expected_bytes=expected_bytes)
+    except (VideoError, ModelError) as e:
+        fail(rt, video_id, str(e))
+        return VideoState.FAILED.value
+    except TimeoutError:
+        limit = rt.settings.task_soft_time_limit
+        fail(rt, video_id, f"no answer from the model within {limit} s (task soft time limit)")
+        return VideoState.FAILED.value
+
+    new = build_report(rt, sampled, answer, video_id=video_id)
+    with session_scope(rt.sessions) as session:
+        _, created = store.record_report(session=session, new=new)
+    if not created:
+        log.info("video %s already had a report; redelivery ignored", video_id)
+    elif new.report is None:
+        log.info("video %s: report stored as invalid: %s", video_id, new.error)
+    return VideoState.DONE.value
+
+
+def describe_files(rt: WorkerRuntime, paths: list[str], *, frames: int | None) -> list[dict]:
+    """`worker describe`: each path through the worker's pipeline, nothing stored.
+
+    One dict per path, in order: `status` done with the report's fields (as stored, with
+    `valid`), or failed with its `reason`. The files are sampled on as many threads as a
+    worker has slots, so they share GPU batches as queued videos do."""
+    k = frames or rt.settings.frames
+
+    def one(path: str) -> dict[str, Any]:
+        try:
+            sampled, answer = run_video(rt, path, k)
+        except (VideoError, ModelError) as e:
+            return {"path": path, "status": "failed", "reason": str(e)}
+        except TimeoutError:
+            limit = rt.settings.task_soft_time_limit
+            return {"path": path, "status": "failed", "reason": f"no answer within {limit} s"}
+        new = asdict(build_report(rt, sampled, answer, video_id=None))
+        new.pop("video_id")
+        return {"path": path, "status": "done", "valid": new["report"] is not None, **new}
+
+    if not paths:
+        return []
+    slots = max(1, min(len(paths), 2 * rt.settings.batch_size))
+    with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="describe") as threads:
+        return list(threads.map(one, paths))
