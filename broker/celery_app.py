@@ -6,12 +6,16 @@ Settings that carry the no-loss promise (README, reliability):
 - worker_prefetch_multiplier=1 with the threads pool: a GPU worker reserves exactly its
   slots (2x batch_size: one batch on the GPU, one being prepared), so a dead worker
   strands little and other workers get the rest.
-- visibility_timeout (Redis) above the hard time limit: an unacknowledged long task is not
-  handed to a second worker while the first still runs it.
+- visibility_timeout (Redis) above the longest a task may wait for its answer: an
+  unacknowledged long task is not handed to a second worker while the first still runs
+  it. A dead worker's videos do not wait for it (delivery/: heartbeats and the sweep).
+- no task_time_limit / task_soft_time_limit: the threads pool ignores both.
 - JSON only: a pickled message is refused, never run.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from celery import Celery
 from kombu import Exchange, Queue
@@ -57,8 +61,6 @@ def celery_config(settings: Settings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
-        "task_soft_time_limit": settings.task_soft_time_limit,
-        "task_time_limit": settings.task_time_limit,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_hijack_root_logger": False,
@@ -92,3 +94,54 @@ def make_celery(settings: Settings, cls: type[Celery] = Celery) -> Celery:
     celery = cls("fleetscribe", set_as_current=False)
     celery.conf.update(celery_config(settings))
     return celery
+
+
+@dataclass
+class QueueDepths:
+    """Messages waiting in each fleetscribe queue, read from the broker itself."""
+
+    # queue -> {the broker's own name for a part of it: messages}; parts holding none are
+    # left out. Redis keeps one list per priority: `describe`, `describe:1` ... `describe:9`.
+    queues: dict[str, dict[str, int]] = field(default_factory=dict)
+    unacked: int | None = None  # Redis: taken by workers, not yet acknowledged (all queues)
+    unknown: str | None = None  # why the broker cannot say; `queues` is empty then
+
+    def waiting(self, queue: str) -> int | None:
+        """Messages waiting in `queue`, all priorities; None when unknown."""
+        return None if self.unknown else sum(self.queues.get(queue, {}).values())
+
+
+def queue_depths(settings: Settings, *, timeout_s: float = 3.0) -> QueueDepths:
+    """How many messages wait in the describe and train queues. Reads only: nothing is
+    declared, consumed or made (the filesystem broker's folder is counted as it is)."""
+    names = (DESCRIBE_QUEUE, TRAIN_QUEUE)
+    if settings.embedded_broker:
+        folder = settings.broker_folder
+        files = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+        # kombu names each message <time>_<uuid>.<queue>.msg
+        counts = {q: sum(1 for f in files if f.partition(".")[2] == f"{q}.msg") for q in names}
+        return QueueDepths({q: {q: n} if n else {} for q, n in counts.items()})
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return QueueDepths(unknown="the memory broker lives inside one process")
+    import redis
+
+    options = celery_config(settings)["broker_transport_options"]
+    sep, steps = options["sep"], options["priority_steps"]
+    client = redis.Redis.from_url(
+        settings.broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        keys = {q: [f"{q}{sep}{p}" if p else q for p in steps] for q in names}
+        with client.pipeline(transaction=False) as pipe:
+            for q in names:
+                for key in keys[q]:
+                    pipe.llen(key)
+            pipe.hlen("unacked")  # kombu's unacked_key
+            sizes = iter(pipe.execute())
+        queues = {q: {k: n for k in keys[q] if (n := next(sizes))} for q in names}
+        return QueueDepths(queues, unacked=next(sizes))
+    except (redis.RedisError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return QueueDepths(unknown=f"the broker did not answer ({reason})")
+    finally:
+        client.close()

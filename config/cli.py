@@ -20,6 +20,13 @@ def run(command: click.Command, prog_name: str) -> None:
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
+    except click.UsageError as e:
+        # A wrong option or argument is an expected failure too: one line, exit 2.
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        err_console.print(
+            f"[red]error:[/red] {escape(e.format_message())}{hint}", markup=True, soft_wrap=True
+        )
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

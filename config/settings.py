@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -24,6 +26,14 @@ DEFAULT_MODEL = "Qwen/Qwen3-VL-4B-Instruct"
 # in the environment. A variable that is set wins over its file.
 SECRETS_DIR_VARIABLE = "FLEETSCRIBE_SECRETS_DIR"
 _URL_PASSWORD = re.compile(r"(//[^/@:]*:)[^/]*@")
+# Variables read by fleetscribe that are not Settings fields (the tests' servers).
+_OTHER_VARIABLES = frozenset(
+    {SECRETS_DIR_VARIABLE, "FLEETSCRIBE_TEST_PG", "FLEETSCRIBE_TEST_REDIS"}
+)
+# The transports celery_config knows how to configure (broker/celery_app.py).
+BROKER_SCHEMES = ("redis", "rediss", "filesystem", "memory")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9.-]*)(\+[A-Za-z0-9_]+)?://")
 
 
 class Settings(BaseSettings):
@@ -68,14 +78,25 @@ class Settings(BaseSettings):
     first_pass_tokens: int = Field(768, ge=0, le=8192)
     video_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
 
-    # A task whose answer has not come within the soft limit fails with a reason. The hard
-    # limit sizes the Redis visibility timeout (an unacked message is not handed out again
-    # while its task may still run). The threads pool cannot kill a stuck thread.
+    # How long a task waits for its video's answer from the GPU thread before the video
+    # fails with that reason. (Celery's own time limits are not set: its threads pool
+    # ignores them. A stuck GPU batch is bounded by gpu_stall_s instead.)
     task_soft_time_limit: int = Field(600, ge=1)
-    task_time_limit: int = Field(660, ge=1)
-    # Redis only: seconds before an unacknowledged message (its worker died) is handed to
-    # another worker. 0 = 2x task_time_limit + 600, longer than any task may run.
+    # Redis only: seconds before an unacknowledged message is handed out again. 0 =
+    # 2x task_soft_time_limit + 600, longer than any task may run. A dead worker's videos
+    # do not wait for it: its lapsed heartbeat has them sent again (heartbeat_s, sweep_s).
     visibility_timeout: int = Field(0, ge=0)
+    # Each describe worker renews its heartbeat in the store this often; a worker silent
+    # for 3 beats is dead, and the videos running on it are sent again.
+    heartbeat_s: float = Field(10.0, gt=0, le=3600)
+    # Each describe worker sends again, this often, what was lost: videos running on a dead
+    # worker, and queued videos whose message was never confirmed for outbox_grace_s.
+    sweep_s: float = Field(15.0, gt=0, le=86_400)
+    outbox_grace_s: float = Field(300.0, ge=0)
+    # A GPU batch running past max(gpu_stall_s, 10x its expected time from the measured
+    # step time) is stuck: the worker exits so its videos are redelivered and the
+    # supervisor (compose, systemd) starts it again.
+    gpu_stall_s: float = Field(600.0, gt=0)
     # The largest file the producer accepts; bigger files are rejected with a reason.
     max_video_bytes: int = Field(64 * 2**30, ge=1)
     # The producer hashes and probes each file in a child process, killed past this many
@@ -137,18 +158,33 @@ class Settings(BaseSettings):
     def _empty_adapter(cls, value: object) -> object:
         return None if value == "" else value
 
-    @model_validator(mode="after")
-    def _limits_ordered(self) -> Settings:
-        if self.task_time_limit <= self.task_soft_time_limit:
-            raise ValueError(
-                "FLEETSCRIBE_TASK_TIME_LIMIT must be larger than FLEETSCRIBE_TASK_SOFT_TIME_LIMIT"
-            )
-        return self
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str) -> str:
+        _scheme_name, driver = _scheme(value, BROKER_SCHEMES, "a broker URL")
+        if driver:
+            _refuse(f"{hide_password(value)!r}: a broker URL takes no +driver")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if not value:
+            return value  # the embedded default: SQLite under home
+        scheme, _driver = _scheme(value, DATABASE_SCHEMES, "a database URL")
+        if scheme == "postgres":  # Heroku's spelling of postgresql://
+            value = "postgresql" + value[len("postgres") :]
+        return value
 
     @property
     def redelivery_after(self) -> int:
         """Seconds after which Redis hands an unacknowledged message out again."""
-        return self.visibility_timeout or self.task_time_limit * 2 + 600
+        return self.visibility_timeout or self.task_soft_time_limit * 2 + 600
+
+    @property
+    def heartbeat_lapse_s(self) -> float:
+        """Seconds of silence after which a describe worker counts as dead."""
+        return 3 * self.heartbeat_s
 
     @property
     def db_url(self) -> str:
@@ -167,6 +203,11 @@ class Settings(BaseSettings):
         return self.broker_url.startswith("filesystem:")
 
     @property
+    def embedded_store(self) -> bool:
+        """The database is the embedded default (a SQLite file under ``home``)."""
+        return not self.database_url
+
+    @property
     def adapter_name(self) -> str:
         """The adapter as stored on reports: '' for the bare base model."""
         return self.adapter or ""
@@ -180,11 +221,56 @@ def hide_password(url: str) -> str:
     return _URL_PASSWORD.sub(r"\1***@", url)
 
 
+def _scheme(url: str, accepted: tuple[str, ...], what: str) -> tuple[str, str]:
+    """(scheme, +driver) of `url`, refused unless the scheme is one of `accepted`."""
+    names = ", ".join(accepted)
+    match = _URL_SCHEME.match(url)
+    if match is None:
+        _refuse(
+            f"{hide_password(url)!r} is not {what} (no SCHEME://); the scheme is one of {names}"
+        )
+    scheme, driver = match.group(1).lower(), match.group(2) or ""
+    if scheme not in accepted:
+        _refuse(f"unknown scheme {scheme!r} in {what}: the scheme is one of {names}")
+    return scheme, driver
+
+
+def _refuse(message: str):
+    # The message as given: a custom error's text is not prefixed with "Value error, ".
+    raise PydanticCustomError("bad_url", "{message}", {"message": message})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning line per FLEETSCRIBE_* variable that is no setting (a typo is otherwise
+    silently ignored), naming the closest setting."""
+    import difflib
+
+    prefix = "FLEETSCRIBE_"
+    fields = {prefix + name.upper() for name in Settings.model_fields}
+    known = fields | _OTHER_VARIABLES
+    lines = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(prefix) or name in known:
+            continue
+        # compare what follows the prefix, which every name shares
+        close = difflib.get_close_matches(
+            name[len(prefix) :], [k[len(prefix) :] for k in sorted(fields)], n=1
+        )
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        lines.append(f"warning: {variable} is not a fleetscribe setting{hint}")
+    return lines
+
+
 def load_settings() -> Settings:
     """The settings, read from the environment (and SECRETS_DIR) now; a bad value becomes
     one readable line (SettingsError). Each entry point reads them once, at start-up."""
+    import sys
+
     from pydantic import ValidationError
 
+    for line in unknown_variables(os.environ):
+        print(line, file=sys.stderr, flush=True)
     try:
         return Settings()
     except ValidationError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from config.cli import run
@@ -19,13 +21,21 @@ def cli() -> None:
 )
 def upgrade(wait_s: float) -> None:
     from db.migrate import upgrade as do_upgrade
-    from db.session import make_engine, wait_for_database
+    from db.session import embedded_store_notice, make_engine, wait_for_database
 
     settings = load_settings()
+    notice = embedded_store_notice(settings)
+    if notice:
+        click.echo(notice, err=True)
     engine = make_engine(settings.db_url)
-    wait_for_database(engine, timeout=wait_s)
-    do_upgrade(engine)
-    click.echo(f"database at head: {engine.url.render_as_string(hide_password=True)}")
+    try:
+        wait_for_database(engine, timeout=wait_s)
+        before, after = do_upgrade(engine)
+    finally:
+        engine.dispose()
+    was = "unchanged" if before == after else f"was {before or 'empty'}"
+    where = engine.url.render_as_string(hide_password=True)
+    click.echo(f"database at head: {where} (revision {after}, {was})")
 
 
 @cli.command(help="Run one read-only SQL statement and print the rows.")
@@ -40,20 +50,38 @@ def upgrade(wait_s: float) -> None:
 def query(sql: str, fmt: str) -> None:
     from db.query import run_query, to_csv, to_json, to_table
 
-    result = run_query(load_settings().db_url, sql)
+    settings = load_settings()
+    _check_embedded(settings)
+    result = run_query(settings.db_url, sql)
     if fmt == "json":
         click.echo(to_json(result))
     elif fmt == "csv":
         click.echo(to_csv(result), nl=False)
     else:
-        import sys
-
         from rich.console import Console
 
         # Piped output gets a wide page instead of rich's 80 columns, so cells don't fold.
         width = None if sys.stdout.isatty() else 400
         Console(soft_wrap=False, width=width).print(to_table(result))
         click.echo(f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''})")
+
+
+def _check_embedded(settings) -> None:
+    """Say which file the embedded default is; refuse one that does not exist (a query
+    from the wrong folder would otherwise read a new, empty store)."""
+    from db.errors import DatabaseUnavailable
+    from db.session import embedded_store_file, embedded_store_notice, shown_path
+
+    path = embedded_store_file(settings)
+    if path is None:
+        return
+    click.echo(embedded_store_notice(settings), err=True)
+    if not path.exists():
+        raise DatabaseUnavailable(
+            f"no embedded store at {shown_path(path)} (FLEETSCRIBE_DATABASE_URL unset): "
+            "nothing was stored under this FLEETSCRIBE_HOME; set FLEETSCRIBE_HOME to the "
+            "folder that holds it (make demo: .fleetscribe/demo) or FLEETSCRIBE_DATABASE_URL"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,16 @@ class DatabaseUnavailable(StoreError):
     """The database did not answer."""
 
 
+class DatabaseRefused(StoreError):
+    """The database answered but cannot be used as configured (no such database, login
+    refused, unknown host name): waiting would not help, so it is not retried."""
+
+
+class SchemaMismatch(StoreError):
+    """The database's schema is not the revision this code needs (older, newer or none):
+    only `python -m db upgrade` changes it."""
+
+
 class ReadOnlyViolation(StoreError):
     """`db query` was asked to change something."""
 

@@ -41,6 +41,9 @@ class VideoState(StrEnum):
 
 
 FINAL_STATES = (VideoState.DONE, VideoState.FAILED, VideoState.REJECTED)
+# A failure reason that starts so is the worker's fault, not the file's (a bug, a shutdown
+# that cut a task short): a redelivered message for such a video runs again.
+INTERNAL_ERROR = "internal error"
 
 
 class RunState(StrEnum):
@@ -109,8 +112,32 @@ class Video(Base):
     )
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The outbox mark: when the broker confirmed this video's current message. NULL while
+    # it is queued and its message not known to be sent, so it is sent again (delivery/).
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     reports: Mapped[list[Report]] = relationship(back_populates="video")
+
+    __table_args__ = (Index("ix_videos_unpublished", "state", "published_at"),)
+
+    @property
+    def failed_internally(self) -> bool:
+        """Failed through the worker's fault, not the file's: worth running again."""
+        return self.state == VideoState.FAILED and (self.reason or "").startswith(INTERNAL_ERROR)
+
+
+class Worker(Base):
+    """One describe worker process (host:pid) and its heartbeat, renewed while it runs: a
+    video running on a worker whose heartbeat lapsed, or that stopped, is sent again."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Submission(Base):

@@ -3,7 +3,9 @@
 Read-only is enforced by the database, not by inspecting the statement text:
 SQLite opens the file with ``mode=ro`` and an authorizer that allows reading only;
 PostgreSQL runs the statement in a READ ONLY transaction, as a prepared statement (so
-a second statement cannot be smuggled in after a semicolon), and rolls it back.
+a second statement cannot be smuggled in after a semicolon), and rolls it back; a user who
+could run programs or touch files on the server reads as the role fleetscribe_query,
+which migration 0003 made. Nothing here creates, grants or changes anything.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def run_query(url: str, sql: str) -> QueryResult:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         return _sqlite_query(parsed.database or "", sql)
-    if backend == "postgresql":
+    if backend in ("postgresql", "postgres"):  # postgres://: Heroku's spelling
         return _postgres_query(parsed, sql)
     raise QueryError(f"db query supports sqlite and postgresql, not {backend}")
 
@@ -105,7 +107,7 @@ def _postgres_query(parsed, sql: str) -> QueryResult:
         raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {reason}") from None
     try:
         conn.read_only = True
-        _drop_server_privileges(conn, conninfo)
+        _drop_server_privileges(conn)
         with conn.cursor() as cur:
             cur.execute(sql, prepare=True)  # type: ignore[arg-type]
             if cur.description is None:
@@ -135,30 +137,25 @@ FROM pg_roles r WHERE r.rolname = current_user
 """
 
 
-def _drop_server_privileges(conn, conninfo: str) -> None:
+def _drop_server_privileges(conn) -> None:
     """A READ ONLY transaction still lets a superuser run COPY ... TO PROGRAM or read server
-    files. If the connecting role can do that, the query runs as a NOLOGIN role that can
-    only read table data (pg_read_all_data), created on first use."""
-    import psycopg
-    from psycopg import errors as pgerrors
-
+    files. If the connecting role can do that, the query runs as QUERY_ROLE, a NOLOGIN role
+    that can only read table data (pg_read_all_data), made by `python -m db upgrade`
+    (migration 0003); without it such a user is refused. Nothing is created here."""
     (privileged,) = conn.execute(_PRIVILEGED).fetchone() or (False,)
     if not privileged:
         return
-    try:
-        with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as admin:
-            exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (QUERY_ROLE,))
-            if exists.fetchone() is None:
-                admin.execute(f"CREATE ROLE {QUERY_ROLE} NOLOGIN")
-            admin.execute(f"GRANT pg_read_all_data TO {QUERY_ROLE}")
-    except (pgerrors.DuplicateObject, pgerrors.UniqueViolation):
-        pass  # another `db query` created it a moment ago
-    except psycopg.Error as e:
+    row = conn.execute(
+        "SELECT pg_has_role(current_user, oid, 'MEMBER') FROM pg_roles WHERE rolname = %s",
+        (QUERY_ROLE,),
+    ).fetchone()
+    if row is None or not row[0]:
+        why = "does not exist" if row is None else "is not granted to this user"
         raise ReadOnlyViolation(
             "refused: the database user may run programs or write files on the server, and "
-            f"the read-only role {QUERY_ROLE} could not be made ({_first_line(e)}); "
-            "connect `db query` as an ordinary user"
-        ) from None
+            f"the read-only role {QUERY_ROLE} {why} (python -m db upgrade makes it, as a "
+            "user that may create roles); connect `db query` as an ordinary user"
+        )
     conn.execute(f"SET ROLE {QUERY_ROLE}")
 
 
@@ -180,9 +177,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def to_records(result: QueryResult) -> list[dict[str, Any]]:
+    """The rows as JSON-ready dicts (timestamps as ISO text, decimals as floats)."""
+    return [{c: _plain(v) for c, v in zip(result.columns, row, strict=True)} for row in result.rows]
+
+
 def to_json(result: QueryResult) -> str:
-    rows = [{c: _plain(v) for c, v in zip(result.columns, row, strict=True)} for row in result.rows]
-    return json.dumps(rows, indent=2, ensure_ascii=False, default=str)
+    return json.dumps(to_records(result), indent=2, ensure_ascii=False, default=str)
 
 
 def to_csv(result: QueryResult) -> str:

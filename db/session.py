@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,12 +13,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.errors import DatabaseUnavailable
+from config.settings import Settings
+from db.errors import DatabaseRefused, DatabaseUnavailable, SchemaMismatch
 
 
 def make_engine(url: str, **kwargs) -> Engine:
     """An engine with the settings fleetscribe relies on for each backend."""
     parsed = make_url(url)
+    if parsed.get_backend_name() == "postgres":  # Heroku's spelling
+        parsed = parsed.set(drivername=parsed.drivername.replace("postgres", "postgresql", 1))
+        url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,9 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
 
 
 def wait_for_database(engine: Engine, *, timeout: float = 60.0) -> None:
-    """Block until the database answers, or raise DatabaseUnavailable after `timeout` s."""
+    """Block until the database answers, or raise DatabaseUnavailable after `timeout` s.
+    A database that answers but cannot be used as configured (no such database, login
+    refused, unknown host name) raises DatabaseRefused at once: waiting would not help."""
     deadline = time.monotonic() + timeout
     delay = 0.25
     while True:
@@ -79,11 +86,107 @@ def wait_for_database(engine: Engine, *, timeout: float = 60.0) -> None:
                 conn.execute(text("SELECT 1"))
             return
         except OperationalError as e:
+            reason = _reason(e)
+            where = engine.url.render_as_string(hide_password=True)
+            if _permanent(reason):
+                raise DatabaseRefused(f"cannot use database {where}: {reason}") from None
             if time.monotonic() >= deadline:
-                reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
                 raise DatabaseUnavailable(
-                    f"database {engine.url.render_as_string(hide_password=True)} "
-                    f"did not answer in {timeout:.0f} s: {reason}"
+                    f"database {where} did not answer in {timeout:.0f} s: {reason}"
                 ) from None
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+# What libpq and SQLite say when waiting cannot help; anything else (connection refused,
+# a timeout, "the database system is starting up", too many clients) is waited out.
+_PERMANENT = (
+    "does not exist",  # database "x" / role "x"
+    "authentication failed",
+    "no password supplied",
+    "no pg_hba.conf entry",
+    "failed to resolve host",
+    "could not translate host name",
+    "name or service not known",
+    "nodename nor servname",
+    "invalid dsn",
+    "invalid connection option",
+    "invalid port",
+    "unable to open database file",
+)
+
+
+def _permanent(reason: str) -> bool:
+    lowered = reason.lower()
+    return any(words in lowered for words in _PERMANENT)
+
+
+def _reason(e: OperationalError) -> str:
+    """The server's or library's own words, one line: 'database "x" does not exist'."""
+    text_ = str(e.orig).strip() if e.orig is not None else str(e).strip()
+    first = text_.splitlines()[0] if text_ else type(e.orig or e).__name__
+    # libpq: 'connection failed: connection to server at "h", port 5432 failed: FATAL:  ...'
+    if "FATAL:" in first:
+        first = first.split("FATAL:", 1)[1]
+    return " ".join(first.split())
+
+
+# --- opening the store --------------------------------------------------------------------
+
+
+def embedded_store_file(settings: Settings) -> Path | None:
+    """The embedded default's SQLite file (None: a configured database)."""
+    if not settings.embedded_store:
+        return None
+    return Path(make_url(settings.db_url).database or "")
+
+
+def embedded_store_notice(settings: Settings) -> str | None:
+    """The line that says which file the embedded default is (None: a configured database)."""
+    path = embedded_store_file(settings)
+    if path is None:
+        return None
+    return f"using the embedded store {shown_path(path)} (FLEETSCRIBE_DATABASE_URL unset)"
+
+
+def shown_path(path: Path) -> str:
+    """`path` as a user reads it: relative to the current folder when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def open_store(settings: Settings, *, wait_s: float = 30.0) -> Engine:
+    """The store's engine, ready for this code; what every entry point calls to open it.
+
+    Waits up to `wait_s` for a database that does not answer yet. The embedded default
+    (FLEETSCRIBE_DATABASE_URL unset: a SQLite file under FLEETSCRIBE_HOME) is created or
+    upgraded here, and a line on stderr says which file it is. Any other database must be
+    at the revision this code needs already, or SchemaMismatch says to run
+    `python -m db upgrade`: only that command changes a configured database's schema (and
+    a configured SQLite file that does not exist is not created)."""
+    from db.migrate import UPGRADE_COMMAND, check_revision, upgrade
+
+    url = make_url(settings.db_url)
+    file = url.database if url.get_backend_name() == "sqlite" else None
+    notice = embedded_store_notice(settings)
+    if notice:
+        new = not Path(file or "").exists()
+        print(notice[:-1] + "; made now)" if new else notice, file=sys.stderr, flush=True)
+    elif file and file != ":memory:" and not Path(file).exists():
+        raise SchemaMismatch(
+            f"no database file {file} (FLEETSCRIBE_DATABASE_URL): run {UPGRADE_COMMAND} "
+            "to create it, or correct the path"
+        )
+    engine = make_engine(settings.db_url)
+    try:
+        wait_for_database(engine, timeout=wait_s)
+        if notice:
+            upgrade(engine)
+        else:
+            check_revision(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine

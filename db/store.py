@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,6 +18,7 @@ from db.models import (
     Submission,
     Video,
     VideoState,
+    Worker,
     utcnow,
 )
 
@@ -71,6 +72,71 @@ def requeue_video(*, session: Session, video: Video, batch_id: int, frames: int,
     video.frames = frames
     video.priority = priority
     video.finished_at = None
+    video.published_at = None  # its new message is not sent yet
+
+
+# --- the outbox ---------------------------------------------------------------------------
+
+
+def mark_published(*, session: Session, video_ids: list[int]) -> None:
+    """The broker confirmed these videos' messages."""
+    if video_ids:
+        session.execute(
+            update(Video)
+            .where(Video.id.in_(video_ids), Video.state == VideoState.QUEUED)
+            .values(published_at=utcnow())
+        )
+
+
+def unpublished(*, session: Session, older_than: datetime | None = None) -> list[Video]:
+    """Queued videos whose message was never confirmed (the producer died while sending,
+    the broker hung), recorded before `older_than` (None: all of them)."""
+    query = select(Video).where(Video.state == VideoState.QUEUED, Video.published_at.is_(None))
+    if older_than is not None:
+        query = query.where(Video.updated_at < older_than)
+    return list(session.scalars(query.order_by(Video.id).with_for_update(skip_locked=True)))
+
+
+def beat(*, session: Session, worker: str) -> None:
+    """Renew `worker`'s heartbeat (its row made on the first beat)."""
+    row = session.get(Worker, worker)
+    if row is None:
+        session.add(Worker(name=worker))
+    else:
+        row.heartbeat_at = utcnow()
+        row.stopped_at = None
+
+
+def stop_worker(*, session: Session, worker: str) -> None:
+    """`worker` stopped: videos still running on it are orphans from now on."""
+    row = session.get(Worker, worker)
+    if row is not None:
+        row.stopped_at = utcnow()
+
+
+def orphaned(*, session: Session, lapsed_before: datetime) -> list[Video]:
+    """Videos running on a worker that stopped, or whose heartbeat is older than
+    `lapsed_before` (its process was killed): nobody is describing them."""
+    alive = select(Worker.name).where(
+        Worker.heartbeat_at >= lapsed_before, Worker.stopped_at.is_(None)
+    )
+    return list(
+        session.scalars(
+            select(Video)
+            .where(
+                Video.state == VideoState.RUNNING,
+                or_(Video.worker.is_(None), Video.worker.not_in(alive)),
+            )
+            .order_by(Video.id)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def resend(*, session: Session, video: Video) -> None:
+    """Back to `queued` in its own batch, its message to be sent again."""
+    video.state = VideoState.QUEUED
+    video.published_at = None
 
 
 @dataclass
@@ -149,7 +215,7 @@ def start_attempt(*, session: Session, video_id: int, worker: str) -> Video | No
     video = session.get(Video, video_id, with_for_update=True)
     if video is None:
         return None
-    if video.state in FINAL_STATES:
+    if video.state in FINAL_STATES and not video.failed_internally:
         return video
     video.state = VideoState.RUNNING
     video.attempts += 1

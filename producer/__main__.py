@@ -1,7 +1,8 @@
 """python -m producer enqueue PATH... [--manifest F] [--frames K] [--priority N] [--wait]
 python -m producer requeue --where "prompt_version < 2" [--dry-run] [--wait]
 python -m producer reap [--after SECONDS] [--dry-run]
-python -m producer status [--batch ID]"""
+python -m producer status [--batch ID]
+python -m producer failures [--batch ID] [--reason TEXT] [--format table|csv|json]"""
 
 from __future__ import annotations
 
@@ -15,18 +16,27 @@ from rich.table import Table
 from config.cli import run
 from config.settings import load_settings
 
-console = Console(highlight=False)
+# Plain lines are never folded at the terminal's width: easy to grep and to paste.
+console = Console(highlight=False, soft_wrap=True)
 _REASON_ROWS = 50
 
 
-def _sessions(settings):
-    from db.migrate import upgrade
-    from db.session import make_engine, make_sessionmaker, wait_for_database
+_STALL_S = 30.0
+_stall_option = click.option(
+    "--stall-after",
+    "stall_s",
+    type=click.FloatRange(0, min_open=True),
+    default=_STALL_S,
+    show_default=True,
+    help="With --wait: say so when no video has started or finished for this many seconds.",
+)
 
-    engine = make_engine(settings.db_url)
-    wait_for_database(engine, timeout=30)
-    upgrade(engine)
-    return make_sessionmaker(engine)
+
+def _sessions(settings):
+    """The store's sessions; a configured database must be at head (python -m db upgrade)."""
+    from db.session import make_sessionmaker, open_store
+
+    return make_sessionmaker(open_store(settings, wait_s=30))
 
 
 @click.group(help="Find, probe, dedupe and enqueue driving videos; follow their progress.")
@@ -41,17 +51,26 @@ def cli() -> None:
 @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True)
 @click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
 @click.option("--note", default="", help="Free text stored with the batch.")
-def enqueue(paths, manifest, frames, priority, wait, note) -> None:
+@_stall_option
+def enqueue(paths, manifest, frames, priority, wait, note, stall_s) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from delivery import outbox
     from producer import enqueue as enq
-    from producer.discover import discover
+    from producer.discover import discover, missing_paths
+    from producer.errors import MissingInputs
 
     if not paths and not manifest:
         raise click.UsageError("give at least one PATH or --manifest")
     settings = load_settings()
     frames = frames or settings.frames
     files = discover(list(paths), manifest=manifest)
+    missing = missing_paths(files)
+    if len(missing) == len(files):  # nothing to enqueue: a slip, not a batch
+        if len(missing) == 1:
+            raise MissingInputs(f"no such file: {missing[0]}")
+        _print_missing(missing)
+        raise MissingInputs(f"none of the {len(missing)} inputs exist; nothing enqueued")
     sessions = _sessions(settings)
 
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -61,32 +80,49 @@ def enqueue(paths, manifest, frames, priority, wait, note) -> None:
     summary, to_send = enq.record(
         items, sessions=sessions, frames=frames, priority=priority, note=note
     )
-    summary.sent = enq.send(to_send, sessions=sessions, priority=priority, settings=settings)
-    _print_summary(summary, len(files))
+    summary.sent = outbox.send(to_send, sessions=sessions, settings=settings)
+    _print_summary(summary, len(files), missing=set(missing))
+    _print_missing(missing)
     if wait:
-        _follow(sessions, summary.batch_id)
+        _follow(sessions, summary.batch_id, settings=settings, stall_s=stall_s)
+    if missing:
+        sys.exit(1)  # a partial result: the existing inputs are enqueued, the rest listed
 
 
-def _print_summary(summary, n_inputs: int) -> None:
+def _print_missing(missing: list[str]) -> None:
+    # One line each on stderr, all of them: a typo in a manifest must not pass unseen.
+    for path in missing:
+        click.echo(f"error: no such file: {path}", err=True)
+
+
+def _print_summary(
+    summary, n_inputs: int, *, missing: frozenset[str] | set[str] = frozenset()
+) -> None:
     table = Table(title=f"batch {summary.batch_id}: {n_inputs} inputs", header_style="bold")
     table.add_column("outcome")
     table.add_column("inputs", justify="right")
     for outcome, n in sorted(summary.outcomes.items()):
         table.add_row(outcome, str(n))
     console.print(table)
-    # One plain line per rejected file: easy to read, to grep and to paste.
-    for path, reason in summary.rejected[:_REASON_ROWS]:
+    # One plain line per rejected file: easy to read, to grep and to paste. Inputs that do
+    # not exist are rejected too, and listed on stderr instead.
+    rejected = [(path, why) for path, why in summary.rejected if path not in missing]
+    for path, reason in rejected[:_REASON_ROWS]:
         console.print(f"rejected {path}: {reason}", soft_wrap=True)
-    if len(summary.rejected) > _REASON_ROWS:
+    if len(rejected) > _REASON_ROWS:
         console.print(
-            f"... and {len(summary.rejected) - _REASON_ROWS} more rejected "
-            f"(python -m producer status --batch {summary.batch_id} lists counts; "
-            "SELECT path, reason FROM videos WHERE state = 'rejected' lists them all)"
+            f"... and {len(rejected) - _REASON_ROWS} more rejected "
+            f"(python -m producer failures --batch {summary.batch_id} lists them all)"
         )
     console.print(f"{summary.sent} videos sent to the describe queue")
 
 
-def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
+def _follow(
+    sessions, batch_id: int, *, settings, stall_s: float = _STALL_S, poll_s: float = 1.0
+) -> None:
+    """Show the batch's progress until every video is finished (exit 1 if some failed).
+    When no video starts or finishes for `stall_s`, one line on stderr says so and why it
+    may be (no worker consuming the queue); it keeps waiting, Ctrl-C stops it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from db import store
@@ -102,6 +138,8 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
     )
+    seen, changed = None, time.monotonic()
+    notice_at = changed + stall_s
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("describing", total=total, rate="")
         while True:
@@ -111,6 +149,12 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
             bar.update(task, completed=p.finished, rate=rate)
             if p.pending == 0:
                 break
+            now = time.monotonic()
+            if tuple(p.counts.values()) != seen:  # a video started or finished
+                seen, changed, notice_at = tuple(p.counts.values()), now, now + stall_s
+            elif now >= notice_at:
+                click.echo(_stalled(settings, batch_id, p, now - changed), err=True)
+                notice_at = now + max(stall_s, now - changed)  # then less and less often
             time.sleep(poll_s)
     with session_scope(sessions) as session:
         failed = store.failed_in_batch(session=session, batch_id=batch_id)
@@ -124,12 +168,48 @@ def _follow(sessions, batch_id: int, poll_s: float = 1.0) -> None:
         sys.exit(1)
 
 
+def _stalled(settings, batch_id: int, p, quiet_s: float) -> str:
+    """The line `--wait` prints when nothing has moved for a while: what stands still, and
+    what the describe queue holds (a queue nobody takes from means no worker consumes it)."""
+    from broker.celery_app import DESCRIBE_QUEUE, queue_depths
+    from db.models import VideoState
+
+    queued, running = p.counts[VideoState.QUEUED], p.counts[VideoState.RUNNING]
+    still = "; still waiting (Ctrl-C stops waiting, the videos stay queued)"
+    if running:
+        return (
+            f"note: no video of batch {batch_id} finished in {quiet_s:.0f} s "
+            f"({running} running, {queued} queued){still}"
+        )
+    depths = queue_depths(settings)
+    waiting = depths.waiting(DESCRIBE_QUEUE)
+    if waiting == 0:
+        held = (
+            f"and queue {DESCRIBE_QUEUE} holds no message for them: "
+            "python -m producer reap sends lost messages again"
+        )
+    else:
+        count = (
+            "their messages wait"
+            if waiting is None
+            else _n(waiting, "message waits", "messages wait")
+        )
+        held = (
+            f"and {count} in queue {DESCRIBE_QUEUE}: no worker seems to be consuming it "
+            "(start one: python -m worker)"
+        )
+    return (
+        f"note: no video of batch {batch_id} started or finished in {quiet_s:.0f} s: "
+        f"{queued} queued, none running, {held}{still}"
+    )
+
+
 def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: bool):
     """List the videos `pick(session)` chooses and, unless a dry run, put them back to
     `queued` in a new batch and send them. `pick` returns (videos, header, one line each).
     Returns (batch id, videos sent), or None when nothing was sent."""
     from db.session import session_scope
-    from producer import enqueue as enq
+    from delivery import outbox
     from producer.requeue import requeue_videos
 
     with session_scope(sessions) as session:
@@ -145,7 +225,7 @@ def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: 
         batch_id = requeue_videos(
             session=session, videos=videos, note=note, priority=priority, frames=settings.frames
         )
-    return batch_id, enq.send(videos, sessions=sessions, priority=priority, settings=settings)
+    return batch_id, outbox.send(videos, sessions=sessions, settings=settings)
 
 
 @cli.command(help="Describe again the videos whose reports match --where (e.g. older prompt).")
@@ -158,26 +238,27 @@ def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: 
 @click.option("--dry-run", is_flag=True, help="List what matches; send nothing.")
 @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True)
 @click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
-def requeue(where_text, dry_run, priority, wait) -> None:
+@_stall_option
+def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
     from db.models import Video
     from models.prompt import PROMPT_VERSION
-    from producer.requeue import matching, parse_where
+    from producer.requeue import describe_selection, parse_where, select_again
 
     settings = load_settings()
     where = parse_where(where_text)
     sessions = _sessions(settings)
 
     def pick(session):
-        found = matching(
-            session=session,
-            where=where,
-            model=settings.model,
-            adapter=settings.adapter_name,
-            prompt_version=PROMPT_VERSION,
-        )
+        current = {
+            "model": settings.model,
+            "adapter": settings.adapter_name,
+            "prompt_version": PROMPT_VERSION,
+        }
+        chosen = select_again(session=session, where=where, **current)
+        found = chosen.to_send
         lines = [f"match {m.path} (video {m.video_id}, prompt v{m.prompt_version})" for m in found]
         videos = [session.get(Video, m.video_id) for m in found]
-        return videos, f"{len(found)} videos match: {where_text}", lines
+        return videos, describe_selection(chosen, where_text=where_text, **current), lines
 
     done = _send_again(
         sessions,
@@ -194,56 +275,64 @@ def requeue(where_text, dry_run, priority, wait) -> None:
         f"batch {batch_id}: {sent} videos sent to the describe queue (prompt v{PROMPT_VERSION})"
     )
     if wait:
-        _follow(sessions, batch_id)
+        _follow(sessions, batch_id, settings=settings, stall_s=stall_s)
 
 
-@cli.command(help="Send again the videos left 'running' too long (their worker died or hung).")
+@cli.command(help="Send again what was lost: unconfirmed messages, a dead worker's videos.")
+@click.option(
+    "--unconfirmed-after",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Seconds since a queued video was recorded before its unconfirmed message is sent "
+    "again (raise it while a producer is still sending).",
+)
 @click.option(
     "--after",
     type=click.IntRange(1),
     default=None,
-    help="Seconds running before a video counts as stale [default: 2x TASK_TIME_LIMIT].",
+    help="Also send videos running longer than this many seconds (a live but hung worker).",
 )
-@click.option("--dry-run", is_flag=True, help="List the stale videos; send nothing.")
-def reap(after, dry_run) -> None:
-    from datetime import timedelta
-
-    from db import store
-    from db.models import utcnow
+@click.option("--dry-run", is_flag=True, help="List what would be sent; send nothing.")
+def reap(unconfirmed_after, after, dry_run) -> None:
+    from delivery.outbox import send_again
 
     settings = load_settings()
-    after = after or 2 * settings.task_time_limit
     sessions = _sessions(settings)
-
-    def pick(session):
-        older_than = utcnow() - timedelta(seconds=after)
-        stale = store.stale_running(session=session, older_than=older_than)
-        lines = [f"stale {v.path} (video {v.id}, worker {v.worker})" for v in stale]
-        return stale, f"{len(stale)} videos running for more than {after} s", lines
-
-    # The video's own message may still come back too: the worker then finds its report,
-    # or the unique key keeps the second write out, so a video never gets two reports.
-    done = _send_again(
-        sessions,
-        pick,
+    # The videos' own messages may still come back too: the worker then finds the report,
+    # or the unique key keeps a second write out, so a video never gets two reports.
+    result = send_again(
+        sessions=sessions,
         settings=settings,
-        note=f"reap: running more than {after} s",
-        priority=0,
+        unconfirmed_after_s=unconfirmed_after,
+        running_over_s=after,
         dry_run=dry_run,
     )
-    if done is not None:
-        console.print(f"batch {done[0]}: {done[1]} videos sent to the describe queue")
+    console.print(
+        f"{result.count('unconfirmed')} queued with an unconfirmed message, "
+        f"{result.count('orphaned')} running on a dead worker"
+        + (f", {result.count('stale')} running more than {after} s" if after else "")
+    )
+    for lost in result.found[:_REASON_ROWS]:  # plain lines: easy to grep and to paste
+        where = f", worker {lost.worker}" if lost.worker else ""
+        console.print(f"{lost.why} {lost.path} (video {lost.video_id}{where})", soft_wrap=True)
+    if len(result.found) > _REASON_ROWS:
+        console.print(f"... and {len(result.found) - _REASON_ROWS} more")
+    sent = "0 videos sent (dry run)" if dry_run else f"{result.sent} videos sent"
+    console.print(f"{sent} to the describe queue")
 
 
-@cli.command(help="Counts by state, videos/minute and ETA (all videos, or one batch).")
+@cli.command(help="Counts by state, videos/minute and ETA; the broker's queues.")
 @click.option("--batch", "batch_id", type=int, default=None, help="Batch id (default: all).")
 def status(batch_id: int | None) -> None:
+    from broker.celery_app import queue_depths
     from db.session import session_scope
-    from producer.status import format_eta, progress
+    from producer.status import check_batch, format_eta, progress
 
     settings = load_settings()
     sessions = _sessions(settings)
     with session_scope(sessions) as session:
+        check_batch(session=session, batch_id=batch_id)
         p = progress(session=session, batch_id=batch_id)
     table = Table(title=f"batch {batch_id}" if batch_id else "all videos", header_style="bold")
     table.add_column("state")
@@ -253,6 +342,81 @@ def status(batch_id: int | None) -> None:
     console.print(table)
     rate = f"{p.per_minute:.1f} videos/minute" if p.per_minute else "no videos finished lately"
     console.print(f"throughput: {rate}; pending: {p.pending}; ETA: {format_eta(p.eta_s)}")
+    _print_queues(queue_depths(settings))
+
+
+def _print_queues(depths) -> None:
+    """One line per queue (all batches): messages waiting, by the broker's own key names."""
+    if depths.unknown:
+        console.print(f"queues: unknown ({depths.unknown})", soft_wrap=True)
+        return
+    for queue, parts in depths.queues.items():
+        line = f"queue {queue}: {_n(depths.waiting(queue), 'message', 'messages')} waiting"
+        if any(key != queue for key in parts):  # Redis: one list per priority
+            line += " (" + ", ".join(f"{key} {n}" for key, n in parts.items()) + ")"
+        console.print(line, soft_wrap=True)
+    if depths.unacked is not None:
+        taken = _n(depths.unacked, "message", "messages")
+        console.print(f"taken by workers, not yet acknowledged: {taken}")
+
+
+def _n(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+@cli.command(help="Failed and rejected videos with their reasons: counts by reason, then each.")
+@click.option("--batch", "batch_id", type=int, default=None, help="Batch id (default: all).")
+@click.option("--reason", default=None, help="Only reasons containing this text (any case).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="csv: the videos only; json: {reasons: [...], videos: [...]}.",
+)
+def failures(batch_id: int | None, reason: str | None, fmt: str) -> None:
+    import json
+
+    from db.failures import failed_videos, failure_counts
+    from db.query import QueryResult, to_csv, to_records, to_table
+    from db.session import session_scope
+    from producer.status import check_batch
+
+    settings = load_settings()
+    sessions = _sessions(settings)
+    with session_scope(sessions) as session:
+        check_batch(session=session, batch_id=batch_id)
+        counts = failure_counts(session=session, batch_id=batch_id, reason=reason)
+        videos = failed_videos(session=session, batch_id=batch_id, reason=reason)
+    by_reason = QueryResult(["reason", "videos"], counts)
+    listing = QueryResult(
+        ["video_id", "state", "path", "reason", "attempts", "finished_at"],
+        [(v.video_id, v.state, v.path, v.reason, v.attempts, v.finished_at) for v in videos],
+    )
+    if fmt == "json":
+        document = {"reasons": to_records(by_reason), "videos": to_records(listing)}
+        click.echo(json.dumps(document, indent=2, ensure_ascii=False, default=str))
+        return
+    if fmt == "csv":
+        click.echo(to_csv(listing), nl=False)
+        return
+    # Piped output gets a wide page instead of rich's 80 columns, so cells don't fold.
+    page = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 400)
+    scope = f"batch {batch_id}" if batch_id is not None else "all batches"
+    if not videos:
+        page.print(f"no failed or rejected videos ({scope}{_matching(reason)})")
+        return
+    page.print(to_table(by_reason))
+    page.print(to_table(listing))
+    states = {state: sum(v.state == state for v in videos) for state in ("failed", "rejected")}
+    page.print(
+        f"{states['failed']} failed, {states['rejected']} rejected ({scope}{_matching(reason)})"
+    )
+
+
+def _matching(reason: str | None) -> str:
+    return f", reason containing {reason!r}" if reason else ""
 
 
 @cli.command(help="Write a few short synthetic driving clips to DIR (to try fleetscribe).")

@@ -78,3 +78,8 @@ def _walk(directory: str) -> list[str]:
             if Path(name).suffix.lower() in VIDEO_SUFFIXES:
                 found.append(os.path.join(root, name))
     return found
+
+
+def missing_paths(paths: list[str]) -> list[str]:
+    """The paths that do not exist (a typo, an unmounted drive, a dangling link), in order."""
+    return [path for path in paths if not os.path.exists(path)]

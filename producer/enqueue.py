@@ -1,4 +1,5 @@
-"""Probe, hash, dedupe, record and enqueue input files. Never imports torch."""
+"""Probe, hash, dedupe and record input files (their messages: delivery.outbox). Never
+imports torch."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from config.settings import Settings
 from db import store
 from db.models import Video, VideoState
 from db.session import session_scope
-from producer.errors import BrokerUnavailable
 from video.errors import VideoError
 from video.files import check_allowed, check_file
 from video.media import VideoInfo, probe
@@ -36,6 +36,7 @@ class Outcome:
     ALREADY_QUEUED = "already_queued"
     ALREADY_DONE = "already_done"
     REQUEUED = "requeued"  # failed before; sent round again
+    RESENT = "resent"  # queued before, its message never confirmed: sent again
     REJECTED = "rejected"
 
 
@@ -168,7 +169,7 @@ def record(
         for item in items:
             video, outcome = _place(session, item, batch.id, frames, priority, seen_in_batch)
             seen_in_batch.add(video.id)
-            if outcome in (Outcome.QUEUED, Outcome.REQUEUED):
+            if outcome in (Outcome.QUEUED, Outcome.REQUEUED, Outcome.RESENT):
                 to_send.append(video)
             if outcome == Outcome.REJECTED:
                 summary.rejected.append((item.path, video.reason or item.reason or ""))
@@ -209,41 +210,7 @@ def _place(session, item, batch_id, frames, priority, seen_in_batch) -> tuple[Vi
         return existing, Outcome.REJECTED
     if existing.state == VideoState.DONE:
         return existing, Outcome.ALREADY_DONE
+    if existing.state == VideoState.QUEUED and existing.published_at is None:
+        # its message was never confirmed (the producer died, the broker hung): again
+        return existing, Outcome.RESENT
     return existing, Outcome.ALREADY_QUEUED
-
-
-def send(
-    videos: list[Video], *, sessions: sessionmaker[Session], priority: int, settings: Settings
-) -> int:
-    """One describe message per video. If the broker is down, the videos are marked failed
-    with that reason (so that enqueueing them again sends them) and BrokerUnavailable raised."""
-    from broker.celery_app import DESCRIBE_QUEUE, DESCRIBE_TASK, make_celery
-
-    app = make_celery(settings)
-    sent = 0
-    try:
-        with app.producer_or_acquire() as producer:
-            for video in videos:
-                app.send_task(
-                    DESCRIBE_TASK,
-                    kwargs={"video_id": video.id, "path": video.path, "frames": video.frames},
-                    queue=DESCRIBE_QUEUE,
-                    priority=priority,
-                    producer=producer,
-                    retry=True,
-                    retry_policy={"max_retries": 3, "interval_start": 0.5, "interval_step": 1},
-                )
-                sent += 1
-    except Exception as e:  # kombu raises OperationalError, OSError... depending on transport
-        unsent = videos[sent:]
-        reason = f"not sent: the broker did not answer ({type(e).__name__})"
-        with session_scope(sessions) as session:
-            for video in unsent:
-                store.record_failure(session=session, video_id=video.id, reason=reason)
-        raise BrokerUnavailable(
-            f"broker {app.conf.broker_url.split('@')[-1]} did not accept messages: {e}; "
-            f"{len(unsent)} videos marked failed, enqueue them again once it is back"
-        ) from e
-    finally:
-        app.close()
-    return sent

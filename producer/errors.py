@@ -13,3 +13,11 @@ class NoInputs(ProducerError):
 
 class BrokerUnavailable(ProducerError):
     """The broker did not accept the messages."""
+
+
+class NoSuchBatch(ProducerError):
+    """--batch names a batch that does not exist."""
+
+
+class MissingInputs(ProducerError):
+    """Every input given to enqueue names a file that does not exist."""

@@ -8,6 +8,7 @@ text reaches the database. Old reports stay: the new one has its own prompt vers
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,10 +81,22 @@ class Match:
     prompt_version: int
 
 
-def matching(
+@dataclass
+class Selection:
+    """What --where picks: the videos to describe again, and why the other matches are not."""
+
+    to_send: list[Match]
+    reports: int  # reports matching the condition
+    videos: int  # the videos they describe
+    current: int  # of those, videos with a report from the current prompt already
+    not_done: dict[str, int]  # of the rest, videos by state when not done (queued, ...)
+
+
+def select_again(
     *, session: Session, where, model: str, adapter: str, prompt_version: int
-) -> list[Match]:
-    """Done videos with a report matching `where` and no report yet from the current prompt."""
+) -> Selection:
+    """The videos with a report matching `where`, split into those to describe again (done,
+    no report yet from the current prompt, model and adapter) and those that are not."""
     current = aliased(Report)
     has_current = exists().where(
         current.video_id == Video.id,
@@ -92,15 +105,62 @@ def matching(
         current.prompt_version == prompt_version,
     )
     rows = session.execute(
-        select(Video.id, Video.path, Report.prompt_version)
+        select(Video.id, Video.path, Video.state, Report.prompt_version, has_current)
         .join(Report, Report.video_id == Video.id)
-        .where(Video.state == VideoState.DONE, where, ~has_current)
+        .where(where)
         .order_by(Video.id, Report.prompt_version.desc())
     ).all()
-    seen: dict[int, Match] = {}
-    for video_id, path, version in rows:
-        seen.setdefault(video_id, Match(video_id, path, version))
-    return list(seen.values())
+    to_send: dict[int, Match] = {}
+    seen: set[int] = set()
+    n_current = 0
+    not_done: Counter[str] = Counter()
+    for video_id, path, state, version, done_now in rows:
+        if video_id in seen:
+            continue
+        seen.add(video_id)
+        if done_now:
+            n_current += 1
+        elif VideoState(state) != VideoState.DONE:
+            not_done[VideoState(state).value] += 1
+        else:
+            to_send[video_id] = Match(video_id, path, version)
+    return Selection(list(to_send.values()), len(rows), len(seen), n_current, dict(not_done))
+
+
+def matching(
+    *, session: Session, where, model: str, adapter: str, prompt_version: int
+) -> list[Match]:
+    """Done videos with a report matching `where` and no report yet from the current prompt."""
+    return select_again(
+        session=session, where=where, model=model, adapter=adapter, prompt_version=prompt_version
+    ).to_send
+
+
+def describe_selection(
+    selection: Selection, *, where_text: str, model: str, adapter: str, prompt_version: int
+) -> str:
+    """One line: how many matched, how many go again, and why the others do not."""
+    s = selection
+
+    def plural(n: int, one: str, many: str) -> str:
+        return f"{n} {one if n == 1 else many}"
+
+    head = (
+        f"{plural(s.videos, 'video matches', 'videos match')}: {where_text} "
+        f"({plural(s.reports, 'report', 'reports')}); {len(s.to_send)} to describe again"
+    )
+    why = []
+    if s.current:
+        has = "already has" if s.current == 1 else "already have"
+        why.append(
+            f"{s.current} {has} a report from prompt v{prompt_version} "
+            f"(model {model}, {f'adapter {adapter}' if adapter else 'no adapter'})"
+        )
+    for state, n in sorted(s.not_done.items()):
+        why.append(f"{n} {'is' if n == 1 else 'are'} {state}")
+    if not why:
+        return head
+    return head + (": " if not s.to_send else "; skipped: ") + ", ".join(why)
 
 
 def requeue_videos(

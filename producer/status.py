@@ -8,7 +8,8 @@ from datetime import timedelta
 from sqlalchemy.orm import Session
 
 from db import store
-from db.models import VideoState
+from db.models import Batch, VideoState
+from producer.errors import NoSuchBatch
 
 WINDOW = timedelta(minutes=5)
 
@@ -26,6 +27,15 @@ class Progress:
     @property
     def finished(self) -> int:
         return self.counts[VideoState.DONE] + self.counts[VideoState.FAILED]
+
+
+def check_batch(*, session: Session, batch_id: int | None) -> None:
+    """Refuse a batch id that does not exist (NoSuchBatch), saying which is the newest."""
+    if batch_id is None or session.get(Batch, batch_id) is not None:
+        return
+    newest = store.latest_batch_id(session=session)
+    known = f"the newest is {newest}" if newest is not None else "there is no batch yet"
+    raise NoSuchBatch(f"no batch {batch_id} ({known})")
 
 
 def progress(*, session: Session, batch_id: int | None) -> Progress:

@@ -15,3 +15,15 @@ def make_runner(loaded, cls=None, *, constrained: bool = True, **kwargs):
     extra = {k: v for k, v in kwargs.items() if k not in knobs}
     grammar = report_grammar(loaded) if constrained else None
     return (cls or ModelRunner)(loaded, config, grammar=grammar, **extra)
+
+
+def upgrade_url(url: str) -> None:
+    """Bring the database at `url` to the newest revision (as `python -m db upgrade`)."""
+    from db.migrate import upgrade
+    from db.session import make_engine
+
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import upgrade_url
 from sqlalchemy import select
 
 from config.settings import Settings
@@ -114,8 +115,6 @@ def test_the_runtime_opens_before_consuming_and_closes_at_warm_shutdown(tmp_path
 
 @pytest.fixture
 def runtime(tiny_model, sqlite_url, tmp_path):
-    from db.migrate import upgrade
-
     settings = Settings(
         home=tmp_path / "home",
         database_url=sqlite_url,
@@ -124,8 +123,8 @@ def runtime(tiny_model, sqlite_url, tmp_path):
         frames=4,
         max_new_tokens=8,
     )
+    upgrade_url(sqlite_url)
     rt = WorkerRuntime.open(settings)
-    upgrade(rt.db_engine)
     yield rt
     rt.close()
 

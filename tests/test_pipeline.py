@@ -55,7 +55,9 @@ def running_worker(
     name: str | None = None,
     loglevel: str | None = None,
 ):
-    """A real `python -m worker` process, stopped with SIGTERM (warm shutdown) afterwards."""
+    """A real `python -m worker` process, stopped with SIGTERM (warm shutdown) afterwards.
+    The store is upgraded first: only `python -m db upgrade` changes a configured schema."""
+    upgrade_store(env)
     cmd = [sys.executable, "-m", "worker"]
     cmd += ["--loglevel", loglevel] if loglevel else []
     cmd += [f"--concurrency={concurrency}"] if concurrency else []
@@ -121,6 +123,12 @@ def _inputs(folder: Path) -> tuple[list[Path], dict[str, str], tuple[Path, Path]
         "audio_only.mkv": "audio only",
     }
     return good, bad, (good[0], dup)
+
+
+def upgrade_store(env: dict[str, str]) -> None:
+    """`python -m db upgrade` on the database `env` names (a no-op once at head)."""
+    out = _run(["db", "upgrade"], env)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ import av
 import numpy as np
 import pytest
 from sqlalchemy import select
-from test_pipeline import _env, _run, running_worker
+from test_pipeline import _env, _run, running_worker, upgrade_store
 
 from broker.celery_app import DESCRIBE_QUEUE, DESCRIBE_TASK, make_celery
 from config.settings import Settings
@@ -107,6 +107,7 @@ def poison_env(tmp_path, tiny_model, redis_url, sqlite_url):
         FLEETSCRIBE_CONSTRAINED="false",
         FLEETSCRIBE_MAX_NEW_TOKENS="4",
     )
+    upgrade_store(env)
     return env, folder, sqlite_url
 
 

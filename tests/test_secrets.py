@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from test_pipeline import _env, _free_port, _run, running_worker
+from test_pipeline import _env, _free_port, _run, running_worker, upgrade_store
 
 from config.settings import Settings
 from db.models import Video, VideoState
@@ -111,6 +111,7 @@ def test_a_refused_password_is_not_shown_either(tmp_path, tiny_model, redis_pass
     env["FLEETSCRIBE_BROKER_URL"] = broker.replace(redis_pw, wrong)
     clip = make_video(tmp_path / "videos" / "a.mp4", seconds=1, fps=8, width=96, height=64)
 
+    upgrade_store(env)
     sent = _run(["producer", "enqueue", str(clip)], env)
     assert sent.returncode == 2
     assert "did not accept messages" in sent.stderr and "Traceback" not in sent.stderr

@@ -39,7 +39,7 @@ def test_defaults_are_the_embedded_mode(monkeypatch, tmp_path):
     [
         ("FLEETSCRIBE_QUANT", "int3", "FLEETSCRIBE_QUANT"),
         ("FLEETSCRIBE_FRAMES", "65", "FLEETSCRIBE_FRAMES"),
-        ("FLEETSCRIBE_TASK_TIME_LIMIT", "10", "FLEETSCRIBE_TASK_TIME_LIMIT"),
+        ("FLEETSCRIBE_HEARTBEAT_S", "0", "FLEETSCRIBE_HEARTBEAT_S"),
         ("FLEETSCRIBE_COMPILE", "max-speed", "FLEETSCRIBE_COMPILE"),
     ],
 )

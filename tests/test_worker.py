@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import upgrade_url
 from report_checks import assert_valid_stored_report
 from sqlalchemy import func, select
 
@@ -35,10 +36,8 @@ def runtime(tiny_model, sqlite_url, tmp_path):
         max_new_tokens=8,
         video_roots=[tmp_path / "videos"],
     )
-    from db.migrate import upgrade
-
+    upgrade_url(sqlite_url)
     rt = WorkerRuntime.open(settings)
-    upgrade(rt.db_engine)
     yield rt
     rt.close()
 
@@ -211,7 +210,12 @@ def test_reports_of_an_older_prompt_are_listed_and_requeued(runtime, tmp_path):
         ).all()
     assert sorted(versions) == [old, PROMPT_VERSION]
     again = _cli(["producer", "requeue", "--where", where, "--dry-run"], env, tmp_path)
-    assert "0 videos match" in again.stdout  # a has a current report, b is queued
+    # both still match; a has a current report, b is queued: neither goes again
+    assert (
+        f"2 videos match: {where} (2 reports); 0 to describe again: 1 already has a report "
+        f"from prompt v{PROMPT_VERSION} (model {env['FLEETSCRIBE_MODEL']}, no adapter), "
+        "1 is queued"
+    ) in again.stdout
 
 
 @pytest.mark.parametrize(
@@ -236,36 +240,46 @@ def test_a_bad_requeue_condition_is_one_line_and_runs_nothing(runtime, tmp_path,
 def test_a_video_left_running_by_a_dead_worker_is_reaped_and_described_once(runtime, tmp_path):
     from datetime import timedelta
 
-    from db.models import utcnow
+    from db.models import Worker, utcnow
 
     stale_path = make_video(tmp_path / "videos" / "stale.mp4", seed=30)
     busy_path = make_video(tmp_path / "videos" / "busy.mp4", seed=31)
     stale, busy = _enqueued(runtime, stale_path), _enqueued(runtime, busy_path)
     with session_scope(runtime.sessions) as session:
-        for vid, age in ((stale, timedelta(hours=2)), (busy, timedelta(seconds=5))):
+        # the dead worker's last heartbeat was 2 hours ago; the live one beat just now
+        session.add(Worker(name="gone-host:4242", heartbeat_at=utcnow() - timedelta(hours=2)))
+        session.add(Worker(name="live-host:1", heartbeat_at=utcnow()))
+        for vid, worker in ((stale, "gone-host:4242"), (busy, "live-host:1")):
             video = session.get(Video, vid)
-            video.state, video.worker = VideoState.RUNNING, "gone-host:4242"
-            video.started_at, video.attempts = utcnow() - age, 1
+            video.state, video.worker = VideoState.RUNNING, worker
+            video.started_at, video.attempts = utcnow() - timedelta(seconds=5), 1
     env = _requeue_env(runtime)
 
-    dry = _cli(["producer", "reap", "--after", "3600", "--dry-run"], env, tmp_path)
+    dry = _cli(["producer", "reap", "--dry-run"], env, tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert "1 videos running for more than 3600 s" in dry.stdout
-    assert str(stale_path) in dry.stdout and str(busy_path) not in dry.stdout
+    assert "0 queued with an unconfirmed message, 1 running on a dead worker" in dry.stdout
+    assert f"orphaned {stale_path} (video {stale}, worker gone-host:4242)" in dry.stdout
+    assert str(busy_path) not in dry.stdout
+    assert "0 videos sent (dry run)" in dry.stdout
+    assert _video(runtime, stale).state == VideoState.RUNNING  # a dry run changes nothing
 
-    sent = _cli(["producer", "reap", "--after", "3600"], env, tmp_path)
+    sent = _cli(["producer", "reap"], env, tmp_path)
     assert sent.returncode == 0, sent.stderr
     assert "1 videos sent" in sent.stdout
     assert _video(runtime, stale).state == VideoState.QUEUED
-    assert _video(runtime, busy).state == VideoState.RUNNING  # still within its time
+    assert _video(runtime, stale).published_at is not None  # its new message is confirmed
+    assert _video(runtime, busy).state == VideoState.RUNNING  # its worker is alive
     assert describe_video(runtime, video_id=stale, path=str(stale_path), frames=None) == "done"
     # Its first message coming back late changes nothing: still one report.
     assert describe_video(runtime, video_id=stale, path=str(stale_path), frames=None) == "done"
     with session_scope(runtime.sessions) as session:
         reports = session.scalars(select(Report).where(Report.video_id == stale)).all()
     assert len(reports) == 1 and _video(runtime, stale).attempts == 2
-    again = _cli(["producer", "reap", "--after", "3600", "--dry-run"], env, tmp_path)
-    assert "0 videos running" in again.stdout
+    again = _cli(["producer", "reap", "--dry-run"], env, tmp_path)
+    assert "0 running on a dead worker" in again.stdout
+    # --after also takes a live worker's video that has run too long
+    longer = _cli(["producer", "reap", "--after", "1", "--dry-run"], env, tmp_path)
+    assert f"stale {busy_path} (video {busy}, worker live-host:1)" in longer.stdout
 
 
 def test_a_fifo_named_like_a_video_is_rejected_without_blocking(runtime, tmp_path):

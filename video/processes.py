@@ -71,6 +71,7 @@ class KillablePool:
         self.what = what
         self._lock = threading.Lock()
         self._pool = None
+        self._closing = False
 
     def _live_pool(self, broken=None):
         """The pool, made anew if it is missing or is `broken` (a pool that failed)."""
@@ -79,6 +80,8 @@ class KillablePool:
         from pebble import ProcessPool
 
         with self._lock:
+            if self._closing:
+                raise self._closed_error()
             if self._pool is not None and (self._pool is broken or not self._pool.active):
                 self._pool.stop()
                 self._pool = None
@@ -99,17 +102,22 @@ class KillablePool:
         try:
             return self._run(pool, fn, args, kwargs)
         except BrokenProcessPool as e:
+            if self._closing:  # stopped by `close`, not broken: no new pool now
+                raise self._closed_error() from None
             # pebble gives up on a pool whose processes all died while none ran a task
             # (e.g. the OOM killer took an idle one): this call goes again, on a new pool
             log.warning("%s pool broken (%s); starting a new one", self.what, e)
             return self._run(self._live_pool(broken=pool), fn, args, kwargs)
+
+    def _closed_error(self) -> VideoError:
+        return VideoError(f"{self.what} stopped: its processes were closed")
 
     def _run(self, pool, fn, args: tuple, kwargs: dict):
         from pebble import ProcessExpired
 
         future = pool.schedule(fn, args=args, kwargs=kwargs, timeout=self.timeout_s)
         try:
-            return future.result()
+            return self._result(future)
         except TimeoutError:
             raise VideoError(f"{self.what} took longer than {self.timeout_s:g} s; killed") from None
         except ProcessExpired as e:
@@ -121,8 +129,22 @@ class KillablePool:
                 f"{self.what} needs more than {self.memory_gib:g} GiB of memory"
             ) from None
 
+    def _result(self, future):
+        """The call's result. Waits in steps: a pool stopped by `close` may leave a call it
+        had not started pending for ever, so a closed pool fails its waiting callers."""
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if future.done():
+                    raise  # pebble's own timeout: the call ran past timeout_s
+                if self._closing:
+                    future.cancel()
+                    raise self._closed_error() from None
+
     def close(self) -> None:
-        """Stop the processes (a running call is killed)."""
+        """Stop the processes (a running call is killed, a waiting one fails)."""
+        self._closing = True
         with self._lock:
             if self._pool is not None:
                 self._pool.stop()

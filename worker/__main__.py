@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,31 +12,75 @@ import sys
 import click
 
 from config.cli import run
+from config.errors import ExpectedError
 from config.settings import load_settings
 
 
-def prepare_store(settings) -> None:
-    """Explicit start-up: wait for the database, then bring its schema to head."""
-    from db.migrate import upgrade
-    from db.session import make_engine, wait_for_database
+class NoSuchGpu(ExpectedError):
+    """--gpus names a GPU that torch does not see on this machine."""
 
-    engine = make_engine(settings.db_url)
+
+def prepare_store(settings) -> None:
+    """Explicit start-up: wait for the database and check that its schema is the one this
+    code needs (`python -m db upgrade` changes it; the embedded default upgrades itself)."""
+    from db.session import open_store
+
+    open_store(settings, wait_s=60).dispose()
+
+
+def _gpu_ids(_ctx, _param, value: str | None) -> list[str]:
+    if value is None:
+        return []
+    ids = [part.strip() for part in value.split(",")]
+    if not all(re.fullmatch(r"\d+", g) for g in ids):
+        raise click.BadParameter(f"{value!r}: GPU ids are whole numbers, comma-separated (0,1)")
+    ids = [str(int(g)) for g in ids]
+    if len(set(ids)) < len(ids):
+        raise click.BadParameter(f"{value!r}: a GPU is named twice")
+    return ids
+
+
+def _check_gpus(gpu_ids: list[str]) -> None:
+    """Refuse GPU ids that torch does not see. The ids number the machine's GPUs: each
+    worker process runs with CUDA_VISIBLE_DEVICES=<its id>. NVML answers the count without
+    starting CUDA, so a process's CUDA_VISIBLE_DEVICES still takes effect afterwards."""
+    import torch
+
+    if len(gpu_ids) == 1:
+        # This process runs on it: hide the others first, as the worker does, so that CUDA
+        # (should it start here) sees only that one; torch then sees 1 GPU, or 0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids[0]
+        if torch.cuda.device_count() == 1:
+            return
+    hidden = os.environ.pop("CUDA_VISIBLE_DEVICES", None)
     try:
-        wait_for_database(engine)
-        upgrade(engine)
+        seen = torch.cuda.device_count()
     finally:
-        engine.dispose()
+        if hidden is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+    missing = [g for g in gpu_ids if int(g) >= seen]
+    if not missing:
+        return
+    which = ("GPU " if len(missing) == 1 else "GPUs ") + ", ".join(missing)
+    ids = f" (ids 0-{seen - 1})" if seen > 1 else " (id 0)" if seen == 1 else ""
+    gpus = f"{seen} GPU{'' if seen == 1 else 's'}"
+    raise NoSuchGpu(f"--gpus {','.join(gpu_ids)}: {which} not found: torch sees {gpus}{ids}")
 
 
 @click.group(
     invoke_without_command=True,
     help="Start a describe worker (Celery underneath), or describe files in this process.",
 )
-@click.option("--gpus", default=None, help="Comma-separated GPU ids: one worker process per GPU.")
+@click.option(
+    "--gpus",
+    default=None,
+    callback=_gpu_ids,
+    help="Comma-separated GPU ids: one worker process per GPU.",
+)
 @click.option(
     "--concurrency",
     "-c",
-    type=int,
+    type=click.IntRange(1),
     default=None,
     help="Task slots (threads) per worker; default 2x FLEETSCRIBE_BATCH_SIZE.",
 )
@@ -49,9 +94,11 @@ def cli(ctx, gpus, concurrency, queues, loglevel, name) -> None:
     settings = load_settings()
     from models.loader import check_source
 
+    gpu_ids = gpus  # parsed by _gpu_ids
+    if gpu_ids:
+        _check_gpus(gpu_ids)
     check_source(settings.model)
     prepare_store(settings)
-    gpu_ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
     if len(gpu_ids) > 1:
         sys.exit(_supervise(gpu_ids, concurrency, queues, loglevel))
     if gpu_ids:
@@ -75,9 +122,7 @@ def _celery_worker(settings, concurrency: int, queues: str, loglevel: str, name:
         "worker",
         f"--queues={queues}",
         f"--concurrency={concurrency}",
-        # threads: the slots share this process's one model and GPU thread (worker/batcher.py),
-        # and nothing forks after CUDA is up.
-        "--pool=threads",
+        # no --pool: the app's worker_pool, threads with a cold shutdown (worker/pool.py)
         f"--loglevel={loglevel}",
         f"--hostname={name}",
         "--without-mingle",

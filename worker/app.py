@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, bootsteps
+from celery.exceptions import Reject
 from celery.signals import worker_shutdown
 
 from broker.celery_app import DESCRIBE_TASK, make_celery
@@ -48,14 +49,27 @@ class Lifecycle(bootsteps.StartStopStep):
         except ExpectedError as e:
             app.startup_error = e  # `python -m worker` prints it as one line, exit 2
             raise SystemExit(2) from None
+        app.runtime.start_heartbeat()
 
     def terminate(self, worker) -> None:
-        _close(worker.app)
+        # Cold shutdown: the tasks still running are cut short; they see `stopping` and
+        # return their messages to the queue instead of failing their videos.
+        _close(worker.app, cold=True)
 
 
-def _close(app: WorkerApp) -> None:
+class _RejectWithoutTraceback(logging.Filter):
+    """A task that returns its message at a cold shutdown raises Reject, which Celery logs
+    with a traceback; the one line says all there is (the video goes back to the queue)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], Reject):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _close(app: WorkerApp, *, cold: bool = False) -> None:
     if app.runtime is not None:
-        app.runtime.close()
+        app.runtime.close(cold=cold)
 
 
 def make_app(settings: Settings) -> WorkerApp:
@@ -65,8 +79,14 @@ def make_app(settings: Settings) -> WorkerApp:
     app = make_celery(settings, cls=WorkerApp)
     # Print to the real stderr: a start-up error stays one plain line, not a log record.
     app.conf.worker_redirect_stdouts = False
+    # Celery's threads pool, plus the cold shutdown it lacks (worker/pool.py). The slots
+    # share the process's one model and GPU thread, and nothing forks after CUDA is up.
+    app.conf.worker_pool = "worker.pool:ThreadPool"
     app.settings = settings
     app.steps["worker"].add(Lifecycle)
+    trace_log = logging.getLogger("celery.app.trace")
+    if not any(isinstance(f, _RejectWithoutTraceback) for f in trace_log.filters):
+        trace_log.addFilter(_RejectWithoutTraceback())
     app.task(name=DESCRIBE_TASK, bind=True, max_retries=8)(tasks.describe)
 
     @worker_shutdown.connect(weak=False)

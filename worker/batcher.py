@@ -7,14 +7,22 @@ device thread takes whatever is queued (up to the runner's batch limit), waits a
 exception. While one batch is on the GPU the other half of the slots prepare the next, so
 a worker with a full queue keeps the GPU busy, and every message keeps its own late ack,
 retry and failure.
+
+The GPU thread cannot be killed, so a watchdog bounds it: a batch running longer than
+max(`stall_s`, 10x its expected time from the step time measured so far) is stuck (a hung
+kernel, a deadlock in a library), and `on_stall` ends the process (by default: one
+critical log line, exit 70). Its messages are unacknowledged, so they are redelivered, and
+its lapsed heartbeat has its videos sent again at once; the supervisor starts a new worker.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +36,9 @@ _MAX_WAITS = 40  # a partial batch waits at most this many idle intervals (2 s a
 # but never longer than this: a decode costs the same for 2 rows as for 64, so a batch
 # started early for a few ready videos would cost the others a whole extra decode.
 _MAX_GATHER_S = 10.0
+# A batch may take this many times its expected time before the watchdog calls it stuck.
+_STALL_FACTOR = 10
+EXIT_STALLED = 70  # EX_SOFTWARE: the supervisor restarts the worker
 
 
 @dataclass
@@ -43,7 +54,14 @@ class BatcherStats:
 class Batcher:
     """Feeds a ModelRunner from many threads; `submit` returns a Future of the video's Answer."""
 
-    def __init__(self, runner: ModelRunner, *, wait_s: float = 0.05):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        wait_s: float = 0.05,
+        stall_s: float = 0.0,
+        on_stall: Callable[[str], None] | None = None,
+    ):
         self.runner = runner
         self.wait_s = wait_s
         self.stats = BatcherStats()
@@ -52,7 +70,15 @@ class Batcher:
         self._closed = False
         self._preparing = 0  # callers between `preparing()` and `submit`
         self._arrived = threading.Condition()
+        # The watchdog: when the batch on the GPU began (None: none is), and how many rows.
+        self.stall_s = stall_s
+        self._on_stall = on_stall or _exit_stalled
+        self._began: float | None = None
+        self._rows = 0
+        self._step_s = 0.0  # the slowest decode step seen, per batch (busy time / steps)
         self._thread.start()
+        if stall_s:
+            threading.Thread(target=self._watch, name="fleetscribe-watchdog", daemon=True).start()
 
     @contextmanager
     def preparing(self):
@@ -79,10 +105,39 @@ class Batcher:
         """Submit one video and wait for its answer."""
         return self.submit(prepared).result(timeout)
 
-    def close(self) -> None:
+    def close(self, *, cancel: bool = False) -> None:
+        """Stop taking videos. The batch on the GPU is finished (or, with `cancel`, only
+        waited for briefly); with `cancel` the videos still queued fail at once instead of
+        being run (a cold shutdown returns their messages to the queue)."""
         self._closed = True
+        if cancel:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[1].set_exception(RuntimeError("the worker is shutting down"))
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout=5 if cancel else None)
+
+    def stall_limit(self) -> float:
+        """Seconds after which the batch now on the GPU counts as stuck."""
+        steps = self.runner.first_pass_tokens + self.runner.answer_tokens  # both passes
+        return max(self.stall_s, _STALL_FACTOR * self._step_s * steps)
+
+    def _watch(self) -> None:
+        while not self._closed:
+            time.sleep(min(5.0, self.stall_s / 10))
+            began, limit = self._began, self.stall_limit()
+            if began is not None and time.monotonic() - began > limit:
+                self._on_stall(
+                    f"GPU batch of {self._rows} videos running for "
+                    f"{time.monotonic() - began:.0f} s, past its limit of {limit:.0f} s "
+                    f"(FLEETSCRIBE_GPU_STALL_S={self.stall_s:g}, or 10x the expected time): "
+                    "stuck; exiting so its videos are redelivered"
+                )
+                return
 
     def _run(self) -> None:
         while True:
@@ -148,6 +203,7 @@ class Batcher:
             live[i][1].set_result(answer)
             answered.add(i)
 
+        self._began, self._rows = time.monotonic(), len(live)
         try:
             answers = self.runner.generate([p for p, _ in live], ready=ready)
         except Exception as e:
@@ -160,6 +216,8 @@ class Batcher:
             for item in rest:
                 self._serve_one(*item)
             return
+        finally:
+            self._began = None
         for i, ((_, future), answer) in enumerate(zip(live, answers, strict=True)):
             if i not in answered:
                 future.set_result(answer)
@@ -169,9 +227,23 @@ class Batcher:
         self.stats.cpu_s += time.thread_time() - cpu_began
         self.stats.sizes.append(len(live))
         self.stats.steps.append(max(a.tokens_out for a in answers))
+        self._step_s = max(
+            self._step_s, (time.perf_counter() - began) / max(self.stats.steps[-1], 1)
+        )
 
     def _serve_one(self, prepared: Prepared, future: Future) -> None:
+        self._began, self._rows = time.monotonic(), 1
         try:
             future.set_result(self.runner.generate([prepared])[0])
         except Exception as e:  # the waiting task records it; this thread lives on
             future.set_exception(e)
+        finally:
+            self._began = None
+
+
+def _exit_stalled(message: str) -> None:
+    """The default `on_stall`: say why in one critical line, then end the process at once
+    (the GPU thread cannot be stopped, and a clean exit would wait for it)."""
+    log.critical(message)
+    logging.shutdown()
+    os._exit(EXIT_STALLED)

@@ -4,9 +4,13 @@
 runner (the model is loaded now, so a worker without its model never consumes), the frame
 sampler (decoding processes, spawned on the first video) and the batcher (the GPU thread).
 `close()` stops them in the reverse order. A Celery worker opens it in its start-up step
-(`worker/app.py`), after any fork and before the consumer starts, and closes it at
-shutdown; `python -m worker describe` opens one without a store. Nothing here runs at
-import time, and nothing keeps a module-level copy.
+(`worker/app.py`), after any fork and before the consumer starts, starts its heartbeat, and
+closes it at shutdown; `python -m worker describe` opens one without a store. Nothing here
+runs at import time, and nothing keeps a module-level copy.
+
+The heartbeat thread renews this process's row in `workers` every HEARTBEAT_S and, every
+SWEEP_S, sends again what was lost (delivery.outbox.send_again): videos running on a worker
+whose heartbeat lapsed, and queued videos whose message was never confirmed.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class Stopping(Exception):
+    """The worker is shutting down: the video goes back to the queue, not to `failed`."""
+
+
 @dataclass
 class WorkerRuntime:
     """What a describe worker process holds for its life."""
@@ -42,8 +50,12 @@ class WorkerRuntime:
     host: str  # host:pid, stored on each report and claimed video
     sessions: sessionmaker[Session] | None = None  # None: no store (`worker describe`)
     db_engine: Engine | None = field(default=None, repr=False)
+    # Set when a shutdown cuts tasks short: what fails then is the shutdown, not the video.
+    stopping: bool = False
     _closed: bool = field(default=False, repr=False)
     _close_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _heartbeat: threading.Thread | None = field(default=None, repr=False)
+    _quiet: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, *, with_store: bool = True) -> WorkerRuntime:
@@ -53,9 +65,15 @@ class WorkerRuntime:
 
         db_engine = sessions = None
         if with_store:
+            from db.migrate import check_revision
             from db.session import make_engine, make_sessionmaker
 
             db_engine = make_engine(settings.db_url)
+            try:
+                check_revision(db_engine)  # only `python -m db upgrade` changes the schema
+            except BaseException:
+                db_engine.dispose()
+                raise
             sessions = make_sessionmaker(db_engine)
         try:
             runner = build_runner(settings)
@@ -68,18 +86,67 @@ class WorkerRuntime:
             timeout_s=settings.decode_timeout_s,
             memory_gib=settings.decode_memory_gib,
         )
-        batcher = Batcher(runner, wait_s=settings.batch_wait_ms / 1000)
+        batcher = Batcher(
+            runner, wait_s=settings.batch_wait_ms / 1000, stall_s=settings.gpu_stall_s
+        )
         host = f"{socket.gethostname()}:{os.getpid()}"
         log.info("worker runtime open: %s, %s", runner.model_id, host)
         return cls(settings, runner, sampler, batcher, host, sessions, db_engine)
 
-    def close(self) -> None:
-        """Stop the GPU thread, the decoding processes and the database pool (once)."""
+    def start_heartbeat(self) -> None:
+        """Beat now, then every HEARTBEAT_S on a thread that also sweeps every SWEEP_S."""
+        if self.sessions is None or self._heartbeat is not None:
+            return
+        self._beat()
+        self._heartbeat = threading.Thread(
+            target=self._beat_and_sweep, name="fleetscribe-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        from db import store
+        from db.session import session_scope
+
+        with session_scope(self.sessions) as session:
+            store.beat(session=session, worker=self.host)
+
+    def _beat_and_sweep(self) -> None:
+        import time
+
+        from delivery.outbox import send_again
+
+        next_sweep = time.monotonic()  # at once: a worker started after a crash finds it
+        while not self._quiet.wait(min(self.settings.heartbeat_s, self.settings.sweep_s)):
+            try:
+                self._beat()
+                if time.monotonic() >= next_sweep:
+                    send_again(sessions=self.sessions, settings=self.settings)
+                    next_sweep = time.monotonic() + self.settings.sweep_s
+            except Exception as e:  # the database or the broker is away: next time
+                log.warning("heartbeat or sweep failed (%s: %s); again soon", type(e).__name__, e)
+
+    def close(self, *, cold: bool = False) -> None:
+        """Stop the heartbeat (the row says stopped), the GPU thread, the decoding
+        processes and the database pool (once). `cold`: a cold shutdown, tasks still
+        running are cut short and their videos go back to the queue (`stopping`)."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-        self.batcher.close()
+        if cold:
+            self.stopping = True
+        self._quiet.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=30)
+            try:
+                from db import store
+                from db.session import session_scope
+
+                with session_scope(self.sessions) as session:
+                    store.stop_worker(session=session, worker=self.host)
+            except Exception as e:
+                log.warning("could not mark worker %s stopped: %s", self.host, e)
+        self.batcher.close(cancel=cold)
         self.sampler.close()
         if self.db_engine is not None:
             self.db_engine.dispose()

@@ -21,7 +21,7 @@ from models.runner import Answer
 from models.schema import SCHEMA_VERSION, parse_report
 from video.errors import VideoError
 from video.media import SampledVideo
-from worker.lifecycle import WorkerRuntime
+from worker.lifecycle import Stopping, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int |
         if video is None:
             log.error("video %s is not in the store; message dropped", video_id)
             return "missing"
-        if video.state in FINAL_STATES:
+        if video.state in FINAL_STATES and not video.failed_internally:
             return video.state.value  # a redelivered message for a finished video
         done = store.find_report(
             session=session,
@@ -106,12 +106,16 @@ def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int |
 
     try:
         sampled, answer = run_video(rt, path, k, expected_bytes=expected_bytes)
-    except (VideoError, ModelError) as e:
-        fail(rt, video_id, str(e))
-        return VideoState.FAILED.value
-    except TimeoutError:
-        limit = rt.settings.task_soft_time_limit
-        fail(rt, video_id, f"no answer from the model within {limit} s (task soft time limit)")
+    except Exception as e:
+        if rt.stopping:  # a shutdown cut it short (its decoder killed, the GPU thread gone)
+            raise Stopping(f"video {video_id}: the worker is shutting down") from e
+        if not isinstance(e, VideoError | ModelError | TimeoutError):
+            raise
+        if isinstance(e, TimeoutError):
+            limit = rt.settings.task_soft_time_limit
+            fail(rt, video_id, f"no answer from the model within {limit} s (task soft time limit)")
+        else:
+            fail(rt, video_id, str(e))
         return VideoState.FAILED.value
 
     new = build_report(rt, sampled, answer, video_id=video_id)
