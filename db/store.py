@@ -72,6 +72,7 @@ def requeue_video(*, session: Session, video: Video, batch_id: int, frames: int,
     video.frames = frames
     video.priority = priority
     video.finished_at = None
+    video.worker = None
     video.published_at = None  # its new message is not sent yet
 
 
@@ -114,28 +115,76 @@ def stop_worker(*, session: Session, worker: str) -> None:
         row.stopped_at = utcnow()
 
 
+def claim(*, session: Session, video_id: int, worker: str) -> None:
+    """`worker` took the video's message (before a task slot runs it): if the worker dies
+    holding it, its lapsed heartbeat says the message is lost with it."""
+    session.execute(
+        update(Video)
+        .where(Video.id == video_id, Video.state == VideoState.QUEUED)
+        .values(worker=worker)
+    )
+
+
 def orphaned(*, session: Session, lapsed_before: datetime) -> list[Video]:
-    """Videos running on a worker that stopped, or whose heartbeat is older than
-    `lapsed_before` (its process was killed): nobody is describing them."""
+    """Videos running on, or whose message was taken by, a worker that stopped or whose
+    heartbeat is older than `lapsed_before` (its process was killed): nobody is
+    describing them, and their messages wait for the broker's visibility timeout."""
     alive = select(Worker.name).where(
         Worker.heartbeat_at >= lapsed_before, Worker.stopped_at.is_(None)
+    )
+    running_nowhere = (Video.state == VideoState.RUNNING) & or_(
+        Video.worker.is_(None), Video.worker.not_in(alive)
+    )
+    taken_by_the_dead = (
+        (Video.state == VideoState.QUEUED) & Video.worker.is_not(None) & Video.worker.not_in(alive)
     )
     return list(
         session.scalars(
             select(Video)
-            .where(
-                Video.state == VideoState.RUNNING,
-                or_(Video.worker.is_(None), Video.worker.not_in(alive)),
-            )
+            .where(or_(running_nowhere, taken_by_the_dead))
             .order_by(Video.id)
             .with_for_update(skip_locked=True)
         )
     )
 
 
+def unheld(*, session: Session, video_ids: list[int], lapsed_before: datetime) -> list[int]:
+    """Of these videos, those not finished and held by no live worker: a message for one
+    of them that a broker still counts as handed out was lost with its worker."""
+    if not video_ids:
+        return []
+    alive = select(Worker.name).where(
+        Worker.heartbeat_at >= lapsed_before, Worker.stopped_at.is_(None)
+    )
+    return list(
+        session.scalars(
+            select(Video.id).where(
+                Video.id.in_(video_ids),
+                Video.state.in_((VideoState.QUEUED, VideoState.RUNNING)),
+                or_(Video.worker.is_(None), Video.worker.not_in(alive)),
+            )
+        )
+    )
+
+
+def restored(*, session: Session, video_ids: list[int]) -> None:
+    """The broker put these videos' own messages back on the queue: queued, held by no
+    worker, their message confirmed (nothing to send again)."""
+    if video_ids:
+        session.execute(
+            update(Video)
+            .where(
+                Video.id.in_(video_ids),
+                Video.state.in_((VideoState.QUEUED, VideoState.RUNNING)),
+            )
+            .values(state=VideoState.QUEUED, worker=None, published_at=utcnow())
+        )
+
+
 def resend(*, session: Session, video: Video) -> None:
-    """Back to `queued` in its own batch, its message to be sent again."""
+    """Back to `queued` in its own batch, its message to be sent again (by no worker yet)."""
     video.state = VideoState.QUEUED
+    video.worker = None
     video.published_at = None
 
 

@@ -142,3 +142,34 @@ def send_again(
     )
     result.sent = send([*unconfirmed, *orphans, *stale], sessions=sessions, settings=settings)
     return result
+
+
+def restore_held(
+    *, sessions: sessionmaker[Session], settings: Settings, lapse_s: float | None = None
+) -> int:
+    """Give back to their queue the messages a Redis broker still counts as handed out (for
+    longer than `lapse_s`) whose videos no live worker holds: their worker was killed. Run
+    before `send_again`: a video whose own message is back needs no second one, and one
+    whose worker died before it could note taking it is found only this way."""
+    from broker.unacked import held_messages, restore
+
+    lapse_s = settings.heartbeat_lapse_s if lapse_s is None else lapse_s
+    held = [h for h in held_messages(settings, older_than_s=lapse_s) if h.video_id is not None]
+    if not held:
+        return 0
+    with session_scope(sessions) as session:
+        lost = set(
+            store.unheld(
+                session=session,
+                video_ids=[h.video_id for h in held],
+                lapsed_before=utcnow() - timedelta(seconds=lapse_s),
+            )
+        )
+    chosen = [h for h in held if h.video_id in lost]
+    if not chosen:
+        return 0
+    log.warning("restoring %d messages held by a dead worker to their queue", len(chosen))
+    count = restore(settings, [h.tag for h in chosen])
+    with session_scope(sessions) as session:  # their own message is back: no new one
+        store.restored(session=session, video_ids=[h.video_id for h in chosen])
+    return count

@@ -295,12 +295,16 @@ def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="List what would be sent; send nothing.")
 def reap(unconfirmed_after, after, dry_run) -> None:
-    from delivery.outbox import send_again
+    from delivery.outbox import restore_held, send_again
 
     settings = load_settings()
     sessions = _sessions(settings)
     # The videos' own messages may still come back too: the worker then finds the report,
     # or the unique key keeps a second write out, so a video never gets two reports.
+    if not dry_run:  # first: a video whose own message is back needs no second one
+        restored = restore_held(sessions=sessions, settings=settings)
+        if restored:
+            console.print(f"{restored} messages held by a dead worker put back on their queue")
     result = send_again(
         sessions=sessions,
         settings=settings,

@@ -13,7 +13,7 @@ import logging
 
 from celery import Celery, bootsteps
 from celery.exceptions import Reject
-from celery.signals import worker_shutdown
+from celery.signals import task_received, worker_shutdown
 
 from broker.celery_app import DESCRIBE_TASK, make_celery
 from config.errors import ExpectedError
@@ -93,5 +93,18 @@ def make_app(settings: Settings) -> WorkerApp:
     def _closed(sender=None, **_):
         if getattr(sender, "app", None) is app:
             _close(app)
+
+    @task_received.connect(weak=False)
+    def _claimed(request=None, **_):
+        # Before a slot runs it: a worker killed while holding the message is known to hold
+        # it, so the sweep sends it again without waiting for the visibility timeout.
+        if request is None or request.task.app is not app or app.runtime is None:
+            return
+        video_id = (request.kwargs or {}).get("video_id")
+        if isinstance(video_id, int):
+            try:
+                app.runtime.claim(video_id)
+            except Exception as e:  # the task itself will still run and record the video
+                log.warning("could not record the claim of video %s: %s", video_id, e)
 
     return app

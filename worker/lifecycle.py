@@ -103,6 +103,14 @@ class WorkerRuntime:
         )
         self._heartbeat.start()
 
+    def claim(self, video_id: int) -> None:
+        """This process took the video's message (Celery's task_received, worker/app.py)."""
+        from db import store
+        from db.session import session_scope
+
+        with session_scope(self.sessions) as session:
+            store.claim(session=session, video_id=video_id, worker=self.host)
+
     def _beat(self) -> None:
         from db import store
         from db.session import session_scope
@@ -113,13 +121,14 @@ class WorkerRuntime:
     def _beat_and_sweep(self) -> None:
         import time
 
-        from delivery.outbox import send_again
+        from delivery.outbox import restore_held, send_again
 
         next_sweep = time.monotonic()  # at once: a worker started after a crash finds it
         while not self._quiet.wait(min(self.settings.heartbeat_s, self.settings.sweep_s)):
             try:
                 self._beat()
                 if time.monotonic() >= next_sweep:
+                    restore_held(sessions=self.sessions, settings=self.settings)
                     send_again(sessions=self.sessions, settings=self.settings)
                     next_sweep = time.monotonic() + self.settings.sweep_s
             except Exception as e:  # the database or the broker is away: next time

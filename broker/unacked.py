@@ -1,0 +1,85 @@
+"""Messages a Redis broker handed out and never saw acknowledged (kombu's `unacked` hash).
+
+Celery on Redis gives a dead worker's unacknowledged messages back only after the
+visibility timeout (30 minutes by default): unlike Sidekiq's super_fetch, nothing returns
+them when the worker that held them is gone. `delivery.outbox.send_again` uses these two
+functions to do it at once: it lists the messages held longer than a heartbeat lapse,
+decides from the store which ones no live worker holds, and restores those to their queue
+through kombu's own `restore_by_tag`. Other transports keep no such record: nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from broker.celery_app import make_celery
+from config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Held:
+    """One unacknowledged message: its delivery tag and the video it asks for."""
+
+    tag: str
+    video_id: int | None
+    since_s: float  # seconds since it was handed out
+
+
+def held_messages(settings: Settings, *, older_than_s: float) -> list[Held]:
+    """Describe messages handed out more than `older_than_s` ago and not acknowledged."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return []
+    app = make_celery(settings)
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            client = channel.client
+            now = time.time()
+            tags = client.zrangebyscore(
+                channel.unacked_index_key, 0, now - older_than_s, withscores=True
+            )
+            held = []
+            for tag, score in tags:
+                tag = tag.decode() if isinstance(tag, bytes) else tag
+                raw = client.hget(channel.unacked_key, tag)
+                held.append(Held(tag, _video_id(raw), round(now - score, 1)))
+            return held
+    finally:
+        app.close()
+
+
+def restore(settings: Settings, tags: list[str]) -> int:
+    """Put these messages back on their queues (kombu's restore_by_tag); how many."""
+    if not tags:
+        return 0
+    app = make_celery(settings)
+    try:
+        with app.connection_for_write() as conn:
+            qos = conn.default_channel.qos
+            for tag in tags:
+                qos.restore_by_tag(tag)
+        return len(tags)
+    finally:
+        app.close()
+
+
+def _video_id(raw: bytes | str | None) -> int | None:
+    """The `video_id` a describe message carries (Celery protocol 2, JSON body)."""
+    if not raw:
+        return None
+    try:
+        message = json.loads(raw)[0]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        video_id = kwargs.get("video_id")
+        return video_id if isinstance(video_id, int) else None
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None  # not a describe message (or not JSON): left to the visibility timeout
