@@ -66,14 +66,12 @@ def add_submission(
 def requeue_video(*, session: Session, video: Video, batch_id: int, frames: int, priority: int):
     """Put a video back to `queued` in `batch_id` (failed, requeued by prompt version, or
     left running by a dead worker); the caller sends its message."""
-    video.state = VideoState.QUEUED
+    resend(session=session, video=video)  # queued, held by no worker, message unsent
     video.reason = None
     video.batch_id = batch_id
     video.frames = frames
     video.priority = priority
     video.finished_at = None
-    video.worker = None
-    video.published_at = None  # its new message is not sent yet
 
 
 # --- the outbox ---------------------------------------------------------------------------
@@ -125,18 +123,26 @@ def claim(*, session: Session, video_id: int, worker: str) -> None:
     )
 
 
+def _alive(lapsed_before: datetime):
+    """The names of the workers still beating: not stopped, heard since `lapsed_before`."""
+    return select(Worker.name).where(
+        Worker.heartbeat_at >= lapsed_before, Worker.stopped_at.is_(None)
+    )
+
+
+def _held_by_no_live_worker(lapsed_before: datetime):
+    return or_(Video.worker.is_(None), Video.worker.not_in(_alive(lapsed_before)))
+
+
 def orphaned(*, session: Session, lapsed_before: datetime) -> list[Video]:
     """Videos running on, or whose message was taken by, a worker that stopped or whose
     heartbeat is older than `lapsed_before` (its process was killed): nobody is
     describing them, and their messages wait for the broker's visibility timeout."""
-    alive = select(Worker.name).where(
-        Worker.heartbeat_at >= lapsed_before, Worker.stopped_at.is_(None)
-    )
-    running_nowhere = (Video.state == VideoState.RUNNING) & or_(
-        Video.worker.is_(None), Video.worker.not_in(alive)
-    )
+    running_nowhere = (Video.state == VideoState.RUNNING) & _held_by_no_live_worker(lapsed_before)
     taken_by_the_dead = (
-        (Video.state == VideoState.QUEUED) & Video.worker.is_not(None) & Video.worker.not_in(alive)
+        (Video.state == VideoState.QUEUED)
+        & Video.worker.is_not(None)
+        & Video.worker.not_in(_alive(lapsed_before))
     )
     return list(
         session.scalars(
@@ -153,15 +159,12 @@ def unheld(*, session: Session, video_ids: list[int], lapsed_before: datetime) -
     of them that a broker still counts as handed out was lost with its worker."""
     if not video_ids:
         return []
-    alive = select(Worker.name).where(
-        Worker.heartbeat_at >= lapsed_before, Worker.stopped_at.is_(None)
-    )
     return list(
         session.scalars(
             select(Video.id).where(
                 Video.id.in_(video_ids),
                 Video.state.in_((VideoState.QUEUED, VideoState.RUNNING)),
-                or_(Video.worker.is_(None), Video.worker.not_in(alive)),
+                _held_by_no_live_worker(lapsed_before),
             )
         )
     )
