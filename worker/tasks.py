@@ -26,16 +26,16 @@ def describe(self, video_id: int, path: str, frames: int | None = None) -> str:
         # A cold shutdown cut it short: the video is not failed, its message goes back.
         log.warning("%s; its message goes back to the queue", e)
         raise Reject(str(e), requeue=True) from None
-    except OperationalError as e:
-        if rt.stopping:
-            raise Reject("the worker is shutting down", requeue=True) from None
-        # The database went away: try again later, with backoff, up to max_retries.
-        countdown = min(2 ** (self.request.retries + 1), 120)
-        log.warning("database unavailable (video %s), retry in %s s: %s", video_id, countdown, e)
-        raise self.retry(exc=e, countdown=countdown) from None
     except Exception as e:
         if rt.stopping:
             raise Reject("the worker is shutting down", requeue=True) from None
+        if isinstance(e, OperationalError):
+            # The database went away: try again later, with backoff, up to max_retries.
+            countdown = min(2 ** (self.request.retries + 1), 120)
+            log.warning(
+                "database unavailable (video %s), retry in %s s: %s", video_id, countdown, e
+            )
+            raise self.retry(exc=e, countdown=countdown) from None
         # Unexpected: keep the traceback in the log, and give the video a reason that says
         # it was the worker's fault (a redelivered message for it runs again).
         fail(rt, video_id, f"{INTERNAL_ERROR}: {type(e).__name__}: {str(e)[:200]}")
