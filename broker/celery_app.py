@@ -52,6 +52,10 @@ def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url,
         "broker_transport_options": transport,
+        # Results are ignored (task_ignore_result) except the train task's: its progress is
+        # published as task state (PROGRESS), which Flower reads from here.
+        "result_backend": result_backend(settings),
+        "result_extended": True,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -85,12 +89,22 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
+def result_backend(settings: Settings) -> str:
+    """Redis itself; beside the embedded broker, a folder; in one process, memory."""
+    if settings.embedded_broker:
+        return f"file://{settings.broker_folder / 'results'}"
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return settings.broker_url
+    return "cache+memory://"
+
+
 def make_celery(settings: Settings, cls: type[Celery] = Celery) -> Celery:
     """A Celery app configured from `settings`, with no tasks: producers send by task name,
     and the worker registers its tasks on its own (worker/app.py). Made by the caller,
     never at import time (the embedded broker's folders are made here)."""
     if settings.embedded_broker:
         (settings.broker_folder / "control").mkdir(parents=True, exist_ok=True)
+        (settings.broker_folder / "results").mkdir(parents=True, exist_ok=True)
     celery = cls("fleetscribe", set_as_current=False)
     celery.conf.update(celery_config(settings))
     return celery

@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     decode_processes: int = Field(0, ge=0)
     # Heap cap of each decoding process in GiB (0: none): a decompression bomb fails alone.
     decode_memory_gib: float = Field(4.0, ge=0)
+    # Where training runs keep their checkpoints and adapters (default: home/training).
+    # Every training worker that may resume a run, and every describe worker that loads
+    # its adapter, must see this folder at the same path (a shared volume).
+    training_dir: Path | None = None
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -192,6 +196,11 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'fleetscribe.db').resolve()}"
+
+    @property
+    def train_root(self) -> Path:
+        """The folder of training runs (checkpoints, adapters)."""
+        return (self.training_dir or self.home / "training").resolve()
 
     @property
     def broker_folder(self) -> Path:

@@ -27,3 +27,7 @@ class ReadOnlyViolation(StoreError):
 
 class QueryError(StoreError):
     """The query itself is wrong (syntax, unknown table...)."""
+
+
+class BadCondition(StoreError):
+    """A --where text is not a condition the condition language (db/conditions.py) reads."""

@@ -47,10 +47,16 @@ INTERNAL_ERROR = "internal error"
 
 
 class RunState(StrEnum):
+    """Where a training run is in its life; stored as the plain string."""
+
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_RUN_STATES = (RunState.DONE, RunState.FAILED, RunState.CANCELLED)
 
 
 def _str_enum(enum: type[StrEnum], name: str) -> SAEnum:
@@ -212,7 +218,7 @@ class Hazard(Base):
 
 
 class TrainingRun(Base):
-    """One QLoRA SFT job."""
+    """One QLoRA SFT job, its lease (the training worker that holds it) and its progress."""
 
     __tablename__ = "training_runs"
 
@@ -229,6 +235,44 @@ class TrainingRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    # Progress, as of the last logged optimizer step.
+    step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    epoch: Mapped[float | None] = mapped_column(Float)
+    loss: Mapped[float | None] = mapped_column(Float)
+    learning_rate: Mapped[float | None] = mapped_column(Float)
+    samples_per_s: Mapped[float | None] = mapped_column(Float)
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    # The lease: a worker holds the run until lease_until and renews it while it trains;
+    # a lapsed lease means its worker died, and the run is sent again.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    checkpoint_path: Mapped[str | None] = mapped_column(Text)
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The outbox mark: when a message for this run was last sent, and its Celery task id.
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    task_id: Mapped[str | None] = mapped_column(String(255))
+    split: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # train / held-out
+
+
+class TrainingStep(Base):
+    """One logged optimizer step of one attempt of a run: a resumed run logs the steps
+    after its checkpoint again, under its next attempt."""
+
+    __tablename__ = "training_steps"
+    __table_args__ = (UniqueConstraint("run_id", "step", "attempt", name="uq_training_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    learning_rate: Mapped[float | None] = mapped_column(Float)
+    grad_norm: Mapped[float | None] = mapped_column(Float)
+    epoch: Mapped[float | None] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Adapter(Base):

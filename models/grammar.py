@@ -21,6 +21,7 @@ the prompt (and the producer, which reads its version) need not.
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 
 from models import schema as s
@@ -124,3 +125,51 @@ def _longest_value(annotation) -> Any:
     if annotation is int:
         return s.MAX_LANES
     return max((m.value for m in annotation), key=len)
+
+
+# Typographic punctuation NFKD leaves outside ASCII, spelled the way the grammar allows.
+_PUNCT = str.maketrans(
+    {"‘": "'", "’": "'", "“": "'", "”": "'", "–": "-", "—": "-", "−": "-", "•": "-"}
+)
+
+
+def answer_text(report: dict, frames: int) -> str:
+    """The exact answer the grammar admits for a schema-v1 `report` of a `frames`-frame
+    video: what training teaches the model to write. Text is made printable ASCII without
+    '"' or '\\' and cut at a word boundary to its bound, hazards are cut to HAZARDS and a
+    hazard's frame is held below `frames`. Raises ValueError for a report the grammar
+    cannot express (an unknown enum value, a missing key)."""
+
+    def text(value: Any, bound: int) -> str:
+        value = unicodedata.normalize("NFKD", str(value).translate(_PUNCT))
+        value = value.encode("ascii", "ignore").decode("ascii")
+        value = value.replace('"', "'").replace("\\", "/")
+        value = " ".join("".join(c if " " <= c <= "~" else " " for c in value).split())
+        if len(value) > bound:
+            cut = value.rfind(" ", 0, bound + 1)  # the space after the last whole word
+            value = (value[:cut] if cut > 0 else value[:bound]).rstrip(" ,;:-")
+        return value or "none"
+
+    def frame(value: Any) -> Any:
+        return min(value, frames - 1) if isinstance(value, int) else value
+
+    params = report.get("driving_parameters") or {}
+    answer = {
+        "schema_version": report.get("schema_version"),
+        "scene_description": text(report.get("scene_description", ""), SCENE_CHARS),
+        "driving_parameters": {name: params.get(name) for name in s.DrivingParameters.model_fields},
+        "hazards": [
+            {
+                "kind": hazard.get("kind"),
+                "description": text(hazard.get("description", ""), HAZARD_CHARS),
+                "frame": frame(hazard.get("frame")),
+            }
+            for hazard in (report.get("hazards") or [])[:HAZARDS]
+        ],
+        "risk_assessment": text(report.get("risk_assessment", ""), RISK_CHARS),
+    }
+    out = json.dumps(answer, separators=(",", ":"))
+    parsed = s.parse_report(out, frames=frames)
+    if not parsed.valid:
+        raise ValueError(f"not a report the grammar admits: {parsed.error}")
+    return out

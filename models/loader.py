@@ -62,10 +62,14 @@ def load_model(
     *,
     quant: Quant | str = Quant.NF4,
     adapter: str | None = None,
+    adapter_name: str | None = None,
     device: str | None = None,
     compute: str | None = None,
 ) -> LoadedModel:
-    """Load base model + processor (+ LoRA adapter) once; ModelLoadError says what is wrong."""
+    """Load base model + processor (+ LoRA adapter) once; ModelLoadError says what is wrong.
+
+    `adapter` is the adapter's folder (or hub id); `adapter_name` is what reports record
+    (a registered adapter's name; default: `adapter` itself)."""
     import torch
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -107,7 +111,8 @@ def load_model(
     net.eval()
     processor.tokenizer.padding_side = "left"
     log.info("loaded %s (%s, compute %s) on %s, adapter %s", model, quant, dtype, device, adapter)
-    return LoadedModel(net, processor, model, adapter or "", quant, device, dtype)
+    label = adapter_name or adapter or ""
+    return LoadedModel(net, processor, model, label, quant, device, dtype)
 
 
 def check_source(model: str) -> None:

@@ -100,11 +100,18 @@ class RunnerConfig:
         )
 
 
-def build_runner(settings: Settings) -> ModelRunner:
+def build_runner(settings: Settings, *, adapter_path: str | None = None) -> ModelRunner:
     """Load the model and make this process's runner, taking each process-wide step once:
     the GPU memory cap, the NF4 compile permission (a documented compatibility patch) and
-    the report grammar. A ModelError says what is wrong."""
-    loaded = load_model(settings.model, quant=settings.quant, adapter=settings.adapter)
+    the report grammar. A ModelError says what is wrong. `adapter_path`: where the
+    adapter named by FLEETSCRIBE_ADAPTER lies (resolved through the store by the caller);
+    reports record the name."""
+    loaded = load_model(
+        settings.model,
+        quant=settings.quant,
+        adapter=adapter_path or settings.adapter,
+        adapter_name=settings.adapter,
+    )
     config = RunnerConfig.from_settings(settings)
     memory_cap = apply_memory_cap(loaded.device, settings.gpu_memory_gib)
     if config.compile != "off" and loaded.quant == "nf4":

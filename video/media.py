@@ -293,14 +293,15 @@ def _rotation(frame: av.VideoFrame) -> int:
     return r % 360
 
 
-def _scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """A frame's size once its long side is at most max_side (even sides, aspect kept)."""
     scale = min(1.0, max_side / max(width, height))
     # even sizes keep every pixel format's chroma subsampling happy
     return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
 
 
 def _to_rgb(frame: av.VideoFrame, max_side: int) -> np.ndarray:
-    w, h = _scaled_size(frame.width, frame.height, max_side)
+    w, h = scaled_size(frame.width, frame.height, max_side)
     rgb = frame.to_ndarray(format="rgb24", width=w, height=h)
     turns = _rotation(frame) // 90
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb

@@ -76,7 +76,7 @@ class WorkerRuntime:
                 raise
             sessions = make_sessionmaker(db_engine)
         try:
-            runner = build_runner(settings)
+            runner = build_runner(settings, adapter_path=adapter_path(settings, sessions))
         except BaseException:
             if db_engine is not None:
                 db_engine.dispose()
@@ -166,3 +166,62 @@ class WorkerRuntime:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+def adapter_path(settings: Settings, sessions: sessionmaker[Session] | None) -> str | None:
+    """Where FLEETSCRIBE_ADAPTER's weights lie: a name registered in the store's `adapters`
+    table (by a finished training run), else the value itself (a folder or a hub id).
+    Without a store (`worker describe`), a configured or existing embedded store is asked."""
+    from pathlib import Path
+
+    name = settings.adapter
+    if not name:
+        return None
+    if sessions is None and Path(name).expanduser().exists():
+        return name
+    row = _registered(settings, sessions, name)
+    if row is None:
+        return name
+    base, path = row
+    if not _same_model(base, settings.model):
+        from models.errors import ModelLoadError
+
+        raise ModelLoadError(
+            f"adapter {name} was trained on {base}, but this worker loads {settings.model} "
+            "(FLEETSCRIBE_MODEL)"
+        )
+    log.info("adapter %s: registered at %s", name, path)
+    return path
+
+
+def _registered(settings: Settings, sessions, name: str) -> tuple[str, str] | None:
+    from db import training
+    from db.session import make_engine, make_sessionmaker, session_scope
+
+    engine = None
+    if sessions is None:
+        if settings.embedded_store and not (settings.home / "fleetscribe.db").exists():
+            return None
+        engine = make_engine(settings.db_url)
+        sessions = make_sessionmaker(engine)
+    try:
+        with session_scope(sessions) as session:
+            row = training.resolve_adapter(session=session, name=name)
+            return None if row is None else (row.base_model, row.path)
+    except Exception as e:  # an older store without the table, a database away
+        if engine is None:
+            raise
+        log.warning("could not look adapter %s up in the store: %s", name, e)
+        return None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _same_model(a: str, b: str) -> bool:
+    from pathlib import Path
+
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
