@@ -233,14 +233,18 @@ def cancel(name: str) -> None:
 
     settings = load_settings()
     with session_scope(_sessions(settings)) as session:
-        run_row = runs.request_cancel(session=session, name=name)
-        state = run_row.state.value
+        before = runs.find_run(session=session, name=name)
+        was = before.state.value if before is not None else None
+        if was in ("done", "failed", "cancelled"):
+            console.print(f"run {name} is already {was}")
+            return
+        state = runs.request_cancel(session=session, name=name).state.value
     if state == "cancelled":
         console.print(f"run {name} cancelled")
     elif state == "running":
         console.print(f"run {name}: cancel requested; it stops at its next step")
     else:
-        console.print(f"run {name} is already {state}")
+        console.print(f"run {name}: {state}")
 
 
 @cli.command(help="Write a training set from stored reports and their re-sampled frames.")

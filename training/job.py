@@ -186,6 +186,7 @@ def sft_config(recipe: Recipe, output_dir: Path, *, dtype, device: str, loader_w
         optim=recipe.optimizer,
         activation_checkpointing=recipe.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_offloading=recipe.activation_offloading,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu=device == "cpu",

@@ -11,6 +11,8 @@ import logging
 import time
 from dataclasses import asdict
 
+from celery.exceptions import Reject
+
 from config.errors import ExpectedError
 from db import training as runs
 from db.models import INTERNAL_ERROR, RunState
@@ -115,6 +117,9 @@ class RunMismatch(ExpectedError):
 def train(self, run_id: int) -> str:
     """Train one run (or resume it) to an end; returns the run's state afterwards."""
     rt: TrainingRuntime = self.app.runtime
+    if rt.stopping:
+        # A message taken while this worker shuts down goes back for another worker.
+        raise Reject("the training worker is shutting down", requeue=True)
     with session_scope(rt.sessions) as session:
         run = runs.acquire(session=session, run_id=run_id, owner=rt.host, lease_s=rt.lease_s)
         if run is None:
@@ -178,8 +183,6 @@ def _resumes(spec: JobSpec) -> str:
 
 
 def _record(rt: TrainingRuntime, run_id: int, spec: JobSpec, outcome: Outcome) -> str:
-    from training.messages import send_run
-
     with session_scope(rt.sessions) as session:
         if outcome.state == "lost":
             log.warning(
@@ -220,10 +223,9 @@ def _record(rt: TrainingRuntime, run_id: int, spec: JobSpec, outcome: Outcome) -
                 output_path=outcome.adapter_path,
             )
     if outcome.state == "interrupted":
-        try:  # to the next worker at once, not after the sweep's grace
-            send_run(rt.app, rt.sessions, run_id)
-        except Exception as e:
-            log.warning("run %s: could not send it again now (%s); the sweep will", run_id, e)
+        # Not sent from here: this worker would take the message itself before it exits.
+        # Released unsent, the run is due at once for the next sweep of any training
+        # worker (every SWEEP_S, and when one starts).
         return RunState.QUEUED.value
     log.info("run %s: %s at step %d", run_id, outcome.state, outcome.step)
     return {"cancelled": RunState.CANCELLED, "done": RunState.DONE}[outcome.state].value
