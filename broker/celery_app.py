@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 from kombu import Exchange, Queue
 
+from config.errors import ExpectedError
 from config.settings import Settings
 
 DESCRIBE_QUEUE = "describe"
@@ -108,6 +109,36 @@ def make_celery(settings: Settings, cls: type[Celery] = Celery) -> Celery:
     celery = cls("fleetscribe", set_as_current=False)
     celery.conf.update(celery_config(settings))
     return celery
+
+
+class RuntimeApp(Celery):
+    """A worker's Celery app: it knows its settings and, once its start-up step has run,
+    its process's runtime (describe: worker.lifecycle; train: training.lifecycle)."""
+
+    settings: Settings
+    runtime = None
+    startup_error: ExpectedError | None = None  # set by a start-up step that failed
+
+
+def run_worker(
+    app: RuntimeApp, *, queues: str, concurrency: int, loglevel: str, hostname: str
+) -> int:
+    """Run a Celery worker of `app` until it stops; its exit code. A start-up failure (the
+    model or the store would not open) is raised as its one-line error."""
+    argv = [
+        "worker",
+        f"--queues={queues}",
+        f"--concurrency={concurrency}",
+        # no --pool: each app sets its own worker_pool
+        f"--loglevel={loglevel}",
+        f"--hostname={hostname}",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    code = app.start(argv)
+    if app.startup_error is not None:
+        raise app.startup_error
+    return code or 0
 
 
 @dataclass

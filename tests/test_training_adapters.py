@@ -44,8 +44,7 @@ def test_an_adapter_trained_on_another_base_is_refused_in_one_line(migrated, tmp
     with pytest.raises(ModelLoadError) as caught:
         adapter_path(settings, sessions)
     assert str(caught.value) == (
-        "adapter night-rain was trained on base-a, but this worker loads base-b "
-        "(FLEETSCRIBE_MODEL)"
+        "adapter night-rain was trained on base-a, but this worker loads base-b (FLEETSCRIBE_MODEL)"
     )
 
 

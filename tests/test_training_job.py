@@ -51,6 +51,12 @@ def cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProc
     return out
 
 
+def submit(env: dict, data: Path, name: str, options: str) -> subprocess.CompletedProcess:
+    """`python -m training submit --dataset DATA --name NAME OPTIONS...`."""
+    args = ["-m", "training", "submit", "--dataset", str(data), "--name", name]
+    return cli(env, *args, *options.split())
+
+
 def start_worker(env: dict, log: Path) -> subprocess.Popen:
     handle = open(log, "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
@@ -94,28 +100,10 @@ def test_a_run_trains_registers_its_adapter_and_a_describe_worker_loads_it(tiny_
     home = tmp_path / "home"
     data = generate_seed_dataset(tmp_path / "seed", rows=26, frames=4, seed=1, bad_rows=2)
     env = training_env(home, tiny_model)
-    submitted = cli(
-        env,
-        "-m",
-        "training",
-        "submit",
-        "--dataset",
-        str(data),
-        "--name",
-        "tiny-sft",
-        "--max-steps",
-        "12",
-        "--lr",
-        "0.05",
-        "--micro-batch",
-        "2",
-        "--grad-accum",
-        "2",
-        "--save-steps",
-        "6",
-        "--heldout",
-        "0.15",
-    )
+    submitted = submit(
+        env, data, "tiny-sft", "--max-steps 12 --lr 0.05 --micro-batch 2 --grad-accum 2 "
+        "--save-steps 6 --heldout 0.15",
+    )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     # the import lists the rows it could not use, each with its reason
     skipped = [line for line in submitted.stdout.splitlines() if line.startswith("skipped row")]

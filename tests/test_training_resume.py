@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 from celery.result import AsyncResult
 from helpers import upgrade_url
-from test_training_job import cli, start_worker, stop, store_of, training_env, wait_for
+from test_training_job import (
+    cli,
+    start_worker,
+    stop,
+    store_of,
+    submit,
+    training_env,
+    wait_for,
+)
 
 from broker.celery_app import make_celery
 from config.settings import Settings
@@ -32,27 +40,10 @@ def test_a_killed_worker_s_run_resumes_on_the_next_from_its_checkpoint(
         FLEETSCRIBE_DATABASE_URL=pg_url,
         FLEETSCRIBE_BROKER_URL=redis_url,
     )
-    submitted = cli(
-        env,
-        "-m",
-        "training",
-        "submit",
-        "--dataset",
-        str(data),
-        "--name",
-        "durable",
-        "--max-steps",
-        "24",
-        "--micro-batch",
-        "2",
-        "--grad-accum",
-        "2",
-        "--save-steps",
-        "5",
-        "--lr",
-        "0.005",
-        "--no-eval-generate",
-    )
+    submitted = submit(
+        env, data, "durable", "--max-steps 24 --micro-batch 2 --grad-accum 2 --save-steps 5 "
+        "--lr 0.005 --no-eval-generate",
+    )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     engine, sessions = store_of(env)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
@@ -117,25 +108,10 @@ def test_a_warm_shutdown_checkpoints_and_gives_the_run_back_and_cancel_keeps_the
     at its next step and keeps that checkpoint. Embedded broker and store."""
     data = generate_seed_dataset(tmp_path / "seed", rows=40, frames=4, seed=3)
     env = training_env(tmp_path / "home", tiny_model)
-    submitted = cli(
-        env,
-        "-m",
-        "training",
-        "submit",
-        "--dataset",
-        str(data),
-        "--name",
-        "stoppable",
-        "--max-steps",
-        "200",
-        "--micro-batch",
-        "2",
-        "--grad-accum",
-        "1",
-        "--save-steps",
-        "50",
-        "--no-eval-generate",
-    )
+    submitted = submit(
+        env, data, "stoppable", "--max-steps 200 --micro-batch 2 --grad-accum 1 "
+        "--save-steps 50 --no-eval-generate",
+    )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     engine, sessions = store_of(env)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"

@@ -104,25 +104,17 @@ def submit(dataset, name, base, preset, no_eval_generate, **overrides) -> None:
 def worker(loglevel: str, name: str | None) -> None:
     import multiprocessing
 
+    from broker.celery_app import run_worker
     from training.app import make_app
 
     # The data loader's processes are spawned, never forked from a process holding CUDA.
     multiprocessing.set_start_method("spawn", force=True)
     settings = load_settings()
-    app = make_app(settings)
-    argv = [
-        "worker",
-        "--queues=train",
-        "--concurrency=1",
-        f"--loglevel={loglevel}",
-        f"--hostname={name or 'train@%h'}",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    code = app.start(argv)
-    if app.startup_error is not None:
-        raise app.startup_error
-    sys.exit(code or 0)
+    code = run_worker(
+        make_app(settings), queues="train", concurrency=1, loglevel=loglevel,
+        hostname=name or "train@%h",
+    )  # fmt: skip
+    sys.exit(code)
 
 
 @cli.command(help="Training runs: state, step, loss, learning rate, samples/s, ETA.")

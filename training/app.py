@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery, bootsteps
+from celery import bootsteps
 from celery.signals import worker_shutting_down
 
-from broker.celery_app import TRAIN_TASK, make_celery
+from broker.celery_app import TRAIN_TASK, RuntimeApp, make_celery
 from config.errors import ExpectedError
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class TrainingApp(Celery):
-    settings: Settings
-    runtime = None  # training.lifecycle.TrainingRuntime, opened by Lifecycle
-    startup_error: ExpectedError | None = None
+class TrainingApp(RuntimeApp):
+    """The training worker's app; its runtime is a training.lifecycle.TrainingRuntime."""
 
 
 class Lifecycle(bootsteps.StartStopStep):

@@ -113,25 +113,15 @@ def _node_name(gpu_ids: list[str]) -> str:
 
 
 def _celery_worker(settings, concurrency: int, queues: str, loglevel: str, name: str) -> int:
-    """Run the Celery worker until it stops; its exit code. A start-up failure (the model
-    does not load) is raised as its one-line error."""
+    """Run the describe worker until it stops (threads pool with a cold shutdown,
+    worker/pool.py); its exit code, or its start-up failure raised as one line."""
+    from broker.celery_app import run_worker
     from worker.app import make_app
 
-    app = make_app(settings)
-    argv = [
-        "worker",
-        f"--queues={queues}",
-        f"--concurrency={concurrency}",
-        # no --pool: the app's worker_pool, threads with a cold shutdown (worker/pool.py)
-        f"--loglevel={loglevel}",
-        f"--hostname={name}",
-        "--without-mingle",
-        "--without-gossip",
-    ]
-    code = app.start(argv)
-    if app.startup_error is not None:
-        raise app.startup_error
-    return code or 0
+    return run_worker(
+        make_app(settings), queues=queues, concurrency=concurrency, loglevel=loglevel,
+        hostname=name,
+    )  # fmt: skip
 
 
 def _supervise(gpu_ids: list[str], concurrency: int | None, queues: str, loglevel: str) -> int:

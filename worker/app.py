@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import logging
 
-from celery import Celery, bootsteps
+from celery import bootsteps
 from celery.exceptions import Reject
 from celery.signals import task_received, worker_shutdown
 
-from broker.celery_app import DESCRIBE_TASK, make_celery
+from broker.celery_app import DESCRIBE_TASK, RuntimeApp, make_celery
 from config.errors import ExpectedError
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-class WorkerApp(Celery):
-    """A Celery app that knows its settings and, once started, its process's runtime."""
-
-    settings: Settings
-    runtime = None  # worker.lifecycle.WorkerRuntime, opened by Lifecycle
-    startup_error: ExpectedError | None = None
+class WorkerApp(RuntimeApp):
+    """The describe worker's app; its runtime is a worker.lifecycle.WorkerRuntime."""
 
 
 class Lifecycle(bootsteps.StartStopStep):
