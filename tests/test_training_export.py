@@ -306,3 +306,42 @@ def test_the_condition_language_moved_to_db_and_requeue_still_reads_it():
     compiled = conditions.parse_where("risk_factor = 'high' and valid = true").compile()
     assert "high" not in str(compiled)  # values travel as bound parameters, never as SQL
     assert list(compiled.params.values()) == ["high"]
+
+
+def test_the_export_command_writes_a_set_that_training_reads(sqlite_url, videos, tmp_path):
+    """`python -m training export` end to end: the command (its decoding in killable
+    processes), its one-line refusal, and a set `prepare_dataset` loads for training."""
+    import os
+    import subprocess
+    import sys
+
+    from db.migrate import upgrade
+    from db.session import make_engine, make_sessionmaker
+    from training.data import prepare_dataset
+
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    videos.mkdir()
+    for i, risk in enumerate(["high", "high", "low"]):
+        described(sessions, clip(videos, f"v{i}.mp4", seed=i), k=3, risk=risk)
+    engine.dispose()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETSCRIBE_")}
+    env.update(FLEETSCRIBE_DATABASE_URL=sqlite_url, FLEETSCRIBE_FRAME_MAX_SIDE=str(MAX_SIDE))
+    root = Path(__file__).resolve().parents[1]
+
+    def command(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "training", "export", *args],
+            cwd=root, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    out = tmp_path / "reviewed"
+    done = command("--where", "risk_factor = high", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"wrote 2 rows to {out} (0 skipped)" in done.stdout
+    data = prepare_dataset(out, heldout_fraction=0.5, seed=0)
+    assert (len(data.train), len(data.heldout), data.skipped) == (1, 1, [])
+    refused = command("--where", "risk_factor = high", str(out))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().endswith("exists and is not empty; export into a new directory")
