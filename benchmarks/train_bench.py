@@ -166,7 +166,7 @@ def build_data(folder: Path, model_dir: Path, rows: int, frames: int, answer_tok
 # -- one row (child process) ----------------------------------------------------------------
 
 
-def _step_timer(warmup: int):
+def _step_timer():
     import torch
     from transformers import TrainerCallback
 
@@ -216,7 +216,7 @@ def run_row(spec: str, args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.compute)
     steps = args.warmup + args.steps
-    timer = _step_timer(args.warmup)
+    timer = _step_timer()
     began = time.perf_counter()
     apply_memory_cap(device, args.cap)  # before the model: everything counts against it
     if name == "seed":

@@ -16,7 +16,7 @@ from PIL import Image
 from test_seed_format import seed_answer, valid_report
 
 from models.grammar import answer_text
-from training.collate import IGNORE, ReportCollator
+from training.collate import IGNORE, ReportCollator, fit_frame
 from video.media import scaled_size
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "labels")
@@ -113,7 +113,7 @@ def test_large_frames_are_resized_as_the_describe_sampler_resizes_them(tiny_load
     assert full.frames[0].shape == (180, 320, 3)
     collator = ReportCollator(tiny_loaded.processor, frame_max_side=100)
     for big, small in zip(full.frames, sampled.frames, strict=True):
-        image = collator._frame(big)
+        image = fit_frame(big, collator.frame_max_side)
         assert (image.height, image.width, 3) == small.shape == (56, 100, 3)
         assert image.size == scaled_size(320, 180, 100)
         # the same picture: only the two scalers' rounding differs
@@ -125,7 +125,7 @@ def test_large_frames_are_resized_as_the_describe_sampler_resizes_them(tiny_load
         "timestamps": full.timestamps,
         "report": json.dumps(report()),
     }
-    resized = [np.array(collator._frame(frame)) for frame in full.frames]
+    resized = [np.array(fit_frame(frame, collator.frame_max_side)) for frame in full.frames]
     prepared = make_runner(tiny_loaded, constrained=False).prepare(Frames(resized, full.timestamps))
     encoded = collator.encode(example)
     assert torch.equal(encoded["image_grid_thw"], prepared.tensors["image_grid_thw"])
@@ -136,11 +136,11 @@ def test_large_frames_are_resized_as_the_describe_sampler_resizes_them(tiny_load
 
 def test_small_frames_are_left_as_they_are(collator):
     for image in (pattern(0), pattern(1, 40, 30)):
-        out = collator._frame(image)
+        out = fit_frame(image, collator.frame_max_side)
         assert out.size == image.size
         assert np.array_equal(np.asarray(out), np.asarray(image))
     array = np.asarray(pattern(2))
-    assert np.array_equal(np.asarray(collator._frame(array)), array)
+    assert np.array_equal(np.asarray(fit_frame(array, collator.frame_max_side)), array)
 
 
 # -- batches ------------------------------------------------------------------------------

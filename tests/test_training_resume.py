@@ -159,6 +159,9 @@ def test_a_warm_shutdown_checkpoints_and_gives_the_run_back_and_cancel_keeps_the
     assert "resuming from" in second_log.read_text()
     again = cli(env, "-m", "training", "cancel", "stoppable")
     assert again.returncode == 0 and "is already cancelled" in again.stdout
+    unknown = cli(env, "-m", "training", "status", "nope")
+    assert unknown.returncode == 2
+    assert unknown.stderr.splitlines()[-1] == "error: no training run named 'nope'"
     missing = cli(env, "-m", "training", "cancel", "nope")
     assert (
         missing.returncode == 2

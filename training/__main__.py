@@ -126,9 +126,9 @@ def status(name: str | None, fmt: str) -> None:
 
     settings = load_settings()
     with session_scope(_sessions(settings)) as session:
-        if name is not None and runs.find_run(session=session, name=name) is None:
-            raise runs.NoSuchRun(f"no training run named {name!r}")
         rows = [_summary(r) for r in runs.list_runs(session=session, name=name)]
+        if name is not None and not rows:
+            raise runs.NoSuchRun(name)
         if name is not None:
             run_id = rows[0]["id"]
             rows[0]["loss_curve"] = runs.loss_curve(session=session, run_id=run_id)

@@ -39,7 +39,7 @@ class ReportCollator:
         """One row's tensors of shape (1, n), with `labels`."""
         import torch
 
-        frames = [self._frame(image) for image in row["images"]]
+        frames = [fit_frame(image, self.frame_max_side) for image in row["images"]]
         timestamps = [float(t) for t in row["timestamps"]]
         prompt = self.processor.apply_chat_template(
             build_messages(timestamps), tokenize=False, add_generation_prompt=True
@@ -87,12 +87,13 @@ class ReportCollator:
         tokenizer = self.processor.tokenizer
         return getattr(tokenizer, "eos_token", None) or "<|im_end|>"
 
-    def _frame(self, image):
-        """A PIL image (or RGB array) at the size the describe worker's sampler gives."""
-        from PIL import Image
 
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(image)
-        image = image.convert("RGB")
-        size = scaled_size(image.width, image.height, self.frame_max_side)
-        return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+def fit_frame(image, max_side: int):
+    """A PIL image (or RGB array) at the size the describe worker's sampler gives."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    image = image.convert("RGB")
+    size = scaled_size(image.width, image.height, max_side)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)

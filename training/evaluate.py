@@ -33,12 +33,12 @@ class _Frames:
 
 def describe_metrics(runner, rows, *, frame_max_side: int) -> dict[str, Any]:
     """Validity and field agreement of `runner`'s answers on `rows` (canonical rows)."""
-    from training.collate import ReportCollator
+    from training.collate import fit_frame
 
-    resize = ReportCollator(runner.loaded.processor, frame_max_side)._frame
     videos, labels = [], []
     for row in rows:
-        videos.append(_Frames([resize(i) for i in row["images"]], list(row["timestamps"])))
+        frames = [fit_frame(image, frame_max_side) for image in row["images"]]
+        videos.append(_Frames(frames, list(row["timestamps"])))
         labels.append(json.loads(row["report"])["driving_parameters"])
     if not videos:
         return {"rows": 0}

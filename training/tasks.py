@@ -39,11 +39,12 @@ class RunHooks:
         self._cancelled = False
 
     def started(self, *, split: dict, skipped: list, quantization: dict | None) -> None:
-        recorded = self.stored.get("quantization", "unset")
-        if recorded != "unset" and recorded != quantization:
+        # Recorded by the first attempt (record_start); every resume must match it.
+        if "quantization" in self.stored and self.stored["quantization"] != quantization:
             raise RunMismatch(
                 f"the base now loads with quantization {quantization}, but this run started "
-                f"with {recorded}: a resume must rebuild the identical 4-bit base"
+                f"with {self.stored['quantization']}: a resume must rebuild the identical "
+                "4-bit base"
             )
         with session_scope(self.rt.sessions) as session:
             runs.record_start(
