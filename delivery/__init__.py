@@ -3,5 +3,6 @@ when it was lost (a producer killed before the broker confirmed it, a broker tha
 worker that died holding the video).
 
 Shared by the producer (`enqueue`, `reap`) and the describe worker (its periodic sweep), so
-it sits below both and above `db` and `broker`, whose verbs it combines. Never torch.
+it sits below both and above `db` and `broker`, whose verbs it combines. `heartbeat.py`
+holds the loop both workers' heartbeat threads run (renew, then sweep). Never torch.
 """

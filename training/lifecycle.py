@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -102,18 +101,17 @@ class TrainingRuntime:
             send_run(self.app, self.sessions, run_id)
 
     def _loop(self) -> None:
-        beat = min(self.settings.heartbeat_s, self.settings.sweep_s)
-        next_sweep = time.monotonic() + self.settings.sweep_s
-        while not self._quiet.wait(beat):
-            try:
-                self.renew()
-                if time.monotonic() >= next_sweep:
-                    self.sweep()
-                    next_sweep = time.monotonic() + self.settings.sweep_s
-            except Exception as e:  # the database or the broker is away: next time
-                log.warning(
-                    "lease renewal or sweep failed (%s: %s); again soon", type(e).__name__, e
-                )
+        from delivery.heartbeat import beat_and_sweep
+
+        beat_and_sweep(
+            self._quiet,
+            heartbeat_s=self.settings.heartbeat_s,
+            sweep_s=self.settings.sweep_s,
+            beat=self.renew,
+            sweep=self.sweep,
+            sweep_at_first_beat=False,  # start() has swept already
+            what="lease renewal or sweep",
+        )
 
     def close(self) -> None:
         if self._closed:

@@ -119,20 +119,23 @@ class WorkerRuntime:
             store.beat(session=session, worker=self.host)
 
     def _beat_and_sweep(self) -> None:
-        import time
+        from delivery.heartbeat import beat_and_sweep
 
+        beat_and_sweep(
+            self._quiet,
+            heartbeat_s=self.settings.heartbeat_s,
+            sweep_s=self.settings.sweep_s,
+            beat=self._beat,
+            sweep=self._sweep,
+            sweep_at_first_beat=True,  # a worker started after a crash finds what it left
+            what="heartbeat or sweep",
+        )
+
+    def _sweep(self) -> None:
         from delivery.outbox import restore_held, send_again
 
-        next_sweep = time.monotonic()  # at once: a worker started after a crash finds it
-        while not self._quiet.wait(min(self.settings.heartbeat_s, self.settings.sweep_s)):
-            try:
-                self._beat()
-                if time.monotonic() >= next_sweep:
-                    restore_held(sessions=self.sessions, settings=self.settings)
-                    send_again(sessions=self.sessions, settings=self.settings)
-                    next_sweep = time.monotonic() + self.settings.sweep_s
-            except Exception as e:  # the database or the broker is away: next time
-                log.warning("heartbeat or sweep failed (%s: %s); again soon", type(e).__name__, e)
+        restore_held(sessions=self.sessions, settings=self.settings)
+        send_again(sessions=self.sessions, settings=self.settings)
 
     def close(self, *, cold: bool = False) -> None:
         """Stop the heartbeat (the row says stopped), the GPU thread, the decoding
