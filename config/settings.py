@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     # Every training worker that may resume a run, and every describe worker that loads
     # its adapter, must see this folder at the same path (a shared volume).
     training_dir: Path | None = None
+    # Prometheus metrics of each worker process at http://HOST:PORT/metrics (0: off). With
+    # `worker --gpus 0,1,...` the process of the i-th GPU listens on this port + i.
+    metrics_port: int = Field(0, ge=0, le=65535)
+    # Flower's basic auth, `user:password` (several: comma-separated); also a file
+    # `fleetscribe_flower_basic_auth` in the secrets folder. `worker flower` refuses to
+    # start without it unless told --unauthenticated.
+    flower_basic_auth: SecretStr | None = None
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -156,6 +163,20 @@ class Settings(BaseSettings):
                 return json.loads(value)
             return [part for part in value.split(":") if part]
         return value
+
+    @field_validator("flower_basic_auth", mode="before")
+    @classmethod
+    def _user_password(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        pairs = [p.strip() for p in str(value).strip().split(",")]
+        if not all(user and password for user, _, password in (p.partition(":") for p in pairs)):
+            raise PydanticCustomError(
+                "bad_auth", "user:password expected (several: comma-separated), got no password"
+            )
+        return ",".join(pairs)
 
     @field_validator("adapter", mode="before")
     @classmethod

@@ -69,6 +69,15 @@ class GpuMemory:
             above / 2**30,
         )
 
+    def in_use(self) -> dict[str, int] | None:
+        """This process's memory on the device now: in_use (allocated), reserved (the
+        allocator's cache) and peak (the most any batch took); None off CUDA. Read on a
+        metrics scrape (metrics.collectors.GpuMemoryCollector)."""
+        memory = cuda_memory(self.device) if self.on_cuda else None
+        if memory is not None:  # the peak of batches, not since the last per-batch reset
+            memory["peak"] = max(self.peak, memory["in_use"])
+        return memory
+
     def release(self) -> None:
         """After an out-of-memory error: hand the allocator's cache back before a retry."""
         if self.on_cuda:
@@ -102,3 +111,19 @@ def apply_memory_cap(device: str, memory_gib: float) -> int:
     cap = int(memory_gib * 2**30)
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     return min(cap, total)
+
+
+def cuda_memory(device: str | None = None) -> dict[str, int] | None:
+    """in_use (allocated), reserved and peak bytes of this process on `device` (the current
+    one when None); None while this process has not started CUDA (or has no torch loaded:
+    a scrape never imports torch for this)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return {
+        "in_use": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "peak": torch.cuda.max_memory_allocated(device),
+    }

@@ -28,6 +28,8 @@ IMPORTS = """
 import sys
 import broker.celery_app, config.settings, config.cli
 import db.__main__, db.session, db.store
+import delivery.outbox, delivery.heartbeat
+import metrics.catalog, metrics.collectors, metrics.server, metrics.names
 import models.runner, models.loader, models.decoding, models.memory
 import producer.__main__, producer.enqueue
 import video.media, video.processes

@@ -75,6 +75,32 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 60) -> int
     return proc.wait(timeout=timeout)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """{(sample, sorted labels): value} of a worker's /metrics; {} while it does not answer."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            text = page.read().decode()
+    except OSError:
+        return {}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def wait_for(sessions, name: str, check, *, timeout: float, log: Path | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,18 +137,27 @@ def test_a_run_trains_registers_its_adapter_and_a_describe_worker_loads_it(tiny_
     assert "queued" in submitted.stdout and "effective batch 4" in submitted.stdout
 
     log = tmp_path / "train.log"
-    worker = start_worker(env, log)
+    port = _free_port()
+    worker = start_worker({**env, "FLEETSCRIBE_METRICS_PORT": str(port)}, log)
     engine, sessions = store_of(env)
+    steps_seen: list[float] = []  # the worker's fleetscribe_training_step while it trains
+
+    def ended(r) -> bool:
+        step = _scrape(port).get(("fleetscribe_training_step", (("run", "tiny-sft"),)))
+        if step is not None:
+            steps_seen.append(step)
+        return r.state.value not in ("queued", "running")
+
     try:
-        run = wait_for(
-            sessions,
-            "tiny-sft",
-            lambda r: r.state.value != "queued" and r.state.value != "running",
-            timeout=600,
-            log=log,
-        )
+        run = wait_for(sessions, "tiny-sft", ended, timeout=600, log=log)
+        after = _scrape(port)
     finally:
         stop(worker)
+    # The training worker's /metrics showed the run's steps as it trained, counts it done
+    # once it ended and drops its gauges (no stale run on a dashboard).
+    assert steps_seen and 1 <= min(steps_seen) <= max(steps_seen) <= 12, steps_seen
+    assert after[("fleetscribe_training_runs_total", (("outcome", "done"),))] == 1
+    assert not any(name.startswith("fleetscribe_training_step") for name, _ in after)
     assert run.state.value == "done", (run.reason, log.read_text()[-3000:])
     assert run.step == run.total_steps == 12
     assert run.attempts == 1

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session, sessionmaker
 
+    from metrics.catalog import TrainingMetrics
+    from metrics.server import MetricsServer
+
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +42,8 @@ class TrainingRuntime:
     sessions: sessionmaker[Session]
     db_engine: Engine = field(repr=False)
     host: str  # host:pid, the lease owner
+    metrics: TrainingMetrics
+    metrics_server: MetricsServer | None = field(default=None, repr=False)
     stopping: bool = False  # a shutdown asked the run to checkpoint and give itself back
     run_id: int | None = None  # the run this process trains now
     lease_lost: bool = False
@@ -49,10 +54,17 @@ class TrainingRuntime:
     @classmethod
     def open(cls, settings: Settings, app: Celery) -> TrainingRuntime:
         from db.session import make_sessionmaker, open_store
+        from metrics.catalog import TrainingMetrics
 
         db_engine = open_store(settings, wait_s=60)  # at the revision this code needs
         host = f"{socket.gethostname()}:{os.getpid()}"
-        rt = cls(settings, app, make_sessionmaker(db_engine), db_engine, host)
+        sessions = make_sessionmaker(db_engine)
+        rt = cls(settings, app, sessions, db_engine, host, TrainingMetrics())
+        try:
+            rt.metrics_server = _serve_metrics(rt)
+        except BaseException:
+            db_engine.dispose()
+            raise
         log.info("training runtime open: %s, runs under %s", host, settings.train_root)
         return rt
 
@@ -120,5 +132,22 @@ class TrainingRuntime:
         self._quiet.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.db_engine.dispose()
         log.info("training runtime closed")
+
+
+def _serve_metrics(rt: TrainingRuntime) -> MetricsServer | None:
+    """The process's /metrics on FLEETSCRIBE_METRICS_PORT (None when 0): the run it trains
+    (step, loss, learning rate, samples/s), GPU memory and the depth of every queue."""
+    from metrics.collectors import GpuMemoryCollector, QueueDepthCollector
+    from metrics.server import serve
+    from models.memory import cuda_memory
+
+    if not rt.settings.metrics_port:
+        return None
+    rt.metrics.describe_process(host=rt.host, model=rt.settings.model, adapter="")
+    rt.metrics.registry.register(GpuMemoryCollector(cuda_memory))
+    rt.metrics.registry.register(QueueDepthCollector(rt.settings))
+    return serve(rt.metrics.registry, rt.settings.metrics_port)

@@ -30,10 +30,11 @@ _CANCEL_POLL_S = 2.0
 class RunHooks:
     """The job's hooks for one run: records to SQL and Celery, answers when to stop."""
 
-    def __init__(self, task, rt: TrainingRuntime, run_id: int, stored: dict):
+    def __init__(self, task, rt: TrainingRuntime, run_id: int, stored: dict, name: str = ""):
         self.task = task
         self.rt = rt
         self.run_id = run_id
+        self.name = name or str(run_id)  # the run's label in the metrics
         self.stored = stored  # the run's config as submitted
         self._cancel_checked = 0.0
         self._cancelled = False
@@ -72,6 +73,7 @@ class RunHooks:
                 eta_s=progress.eta_s,
             )
         meta = {"run_id": self.run_id, **asdict(progress)}
+        self.rt.metrics.progress(self.name, meta)
         try:
             self.task.update_state(state="PROGRESS", meta=meta)
             self.task.send_event("task-progress", **meta)
@@ -135,8 +137,9 @@ def train(self, run_id: int) -> str:
         log.info("run %s (%s): attempt %d, %s", run.name, run_id, run.attempts, _resumes(spec))
     rt.hold(run_id)
     try:
-        outcome = run_job(spec, RunHooks(self, rt, run_id, stored))
+        outcome = run_job(spec, RunHooks(self, rt, run_id, stored, spec.name))
     except Exception as e:
+        _ended(rt, spec.name, "released" if rt.stopping else RunState.FAILED.value)
         reason = (
             str(e) if isinstance(e, ExpectedError) else f"{INTERNAL_ERROR}: {type(e).__name__}: {e}"
         )
@@ -157,7 +160,16 @@ def train(self, run_id: int) -> str:
         raise
     finally:
         rt.hold(None)
-    return _record(rt, run_id, spec, outcome)
+    state = _record(rt, run_id, spec, outcome)
+    _ended(rt, spec.name, "released" if state == RunState.QUEUED.value else state)
+    return state
+
+
+def _ended(rt: TrainingRuntime, name: str, outcome: str) -> None:
+    """The run left this worker (done, failed, cancelled, released, lost): counted, and
+    its gauges dropped."""
+    rt.metrics.runs.labels(outcome=outcome).inc()
+    rt.metrics.forget(name)
 
 
 def _spec(rt: TrainingRuntime, run) -> JobSpec:

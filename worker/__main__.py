@@ -100,7 +100,7 @@ def cli(ctx, gpus, concurrency, queues, loglevel, name) -> None:
     check_source(settings.model)
     prepare_store(settings)
     if len(gpu_ids) > 1:
-        sys.exit(_supervise(gpu_ids, concurrency, queues, loglevel))
+        sys.exit(_supervise(gpu_ids, concurrency, queues, loglevel, settings.metrics_port))
     if gpu_ids:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids[0]
     slots = concurrency or 2 * settings.batch_size
@@ -124,11 +124,16 @@ def _celery_worker(settings, concurrency: int, queues: str, loglevel: str, name:
     )  # fmt: skip
 
 
-def _supervise(gpu_ids: list[str], concurrency: int | None, queues: str, loglevel: str) -> int:
-    """One worker process per GPU; a signal to this process reaches all of them."""
+def _supervise(
+    gpu_ids: list[str], concurrency: int | None, queues: str, loglevel: str, metrics_port: int
+) -> int:
+    """One worker process per GPU; a signal to this process reaches all of them. The i-th
+    serves its metrics on FLEETSCRIBE_METRICS_PORT + i."""
     children = []
-    for gpu in gpu_ids:
+    for i, gpu in enumerate(gpu_ids):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+        if metrics_port:
+            env["FLEETSCRIBE_METRICS_PORT"] = str(metrics_port + i)
         cmd = [sys.executable, "-m", "worker", f"--gpus={gpu}"]
         cmd += [f"--concurrency={concurrency}"] if concurrency else []
         cmd += [f"--queues={queues}", f"--loglevel={loglevel}"]
@@ -145,15 +150,66 @@ def _supervise(gpu_ids: list[str], concurrency: int | None, queues: str, logleve
     return max(codes, key=abs)
 
 
-@cli.command(help="Flower, the Celery monitor, on the configured broker.")
+class NoFlowerAuth(ExpectedError):
+    """`worker flower` without credentials, not told --unauthenticated."""
+
+
+@cli.command(help="Flower, the Celery monitor, on the configured broker (basic auth).")
 @click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
-def flower(port: int) -> None:
+@click.option("--address", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--unauthenticated",
+    is_flag=True,
+    help="Run without FLEETSCRIBE_FLOWER_BASIC_AUTH, open to whoever reaches the port.",
+)
+@click.option(
+    "--db",
+    "db_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Flower's state file (default FLEETSCRIBE_HOME/flower/flower.db).",
+)
+@click.option(
+    "--save-every",
+    type=click.IntRange(1, 86_400),
+    default=60,
+    show_default=True,
+    help="Seconds between saves of Flower's state (it also saves at a clean stop).",
+)
+def flower(port: int, address: str, unauthenticated: bool, db_path: str | None, save_every: int):
     # The shared configuration is enough (queues, Redis transport options): Flower needs
-    # no task code and no model. Basic auth: Flower's own FLOWER_BASIC_AUTH variable.
+    # no task code and no model. Flower reads its options from FLOWER_* variables too: the
+    # credentials go that way, so no password shows on a command line (ps, /proc).
+    from pathlib import Path
+
     from broker.celery_app import make_celery
 
-    app = make_celery(load_settings())
-    sys.exit(app.start(["flower", f"--port={port}"]) or 0)
+    settings = load_settings()
+    auth = settings.flower_basic_auth
+    if auth is None and not unauthenticated:
+        raise NoFlowerAuth(
+            "Flower needs FLEETSCRIBE_FLOWER_BASIC_AUTH (user:password; or the file "
+            "fleetscribe_flower_basic_auth in FLEETSCRIBE_SECRETS_DIR); --unauthenticated "
+            "runs it without, on purpose"
+        )
+    if auth is not None:
+        os.environ["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
+    else:
+        os.environ.pop("FLOWER_BASIC_AUTH", None)
+    db = Path(db_path) if db_path else settings.home / "flower" / "flower.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    app = make_celery(settings)
+    args = [
+        "flower",
+        f"--port={port}",
+        f"--address={address}",
+        "--persistent=True",
+        f"--db={db}",
+        # Flower saves its state at a clean stop only, unless told an interval (in ms):
+        # a killed Flower loses at most this much.
+        f"--state_save_interval={save_every * 1000}",
+    ]
+    sys.exit(app.start(args) or 0)
 
 
 @cli.command(help="Describe video files through the worker's pipeline (no queue, no store).")

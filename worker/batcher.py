@@ -61,10 +61,13 @@ class Batcher:
         wait_s: float = 0.05,
         stall_s: float = 0.0,
         on_stall: Callable[[str], None] | None = None,
+        on_batch: Callable[..., None] | None = None,
     ):
         self.runner = runner
         self.wait_s = wait_s
         self.stats = BatcherStats()
+        # Told of each batch that ran: rows=, seconds=, tokens= (the worker's metrics).
+        self._on_batch = on_batch
         self._queue: queue.Queue[tuple[Prepared, Future] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="fleetscribe-gpu", daemon=True)
         self._closed = False
@@ -221,15 +224,17 @@ class Batcher:
         for i, ((_, future), answer) in enumerate(zip(live, answers, strict=True)):
             if i not in answered:
                 future.set_result(answer)
+        seconds = time.perf_counter() - began
         self.stats.batches += 1
         self.stats.videos += len(live)
-        self.stats.busy_s += time.perf_counter() - began
+        self.stats.busy_s += seconds
         self.stats.cpu_s += time.thread_time() - cpu_began
         self.stats.sizes.append(len(live))
         self.stats.steps.append(max(a.tokens_out for a in answers))
-        self._step_s = max(
-            self._step_s, (time.perf_counter() - began) / max(self.stats.steps[-1], 1)
-        )
+        self._step_s = max(self._step_s, seconds / max(self.stats.steps[-1], 1))
+        if self._on_batch is not None:
+            tokens = sum(a.tokens_out for a in answers)
+            self._on_batch(rows=len(live), seconds=seconds, tokens=tokens)
 
     def _serve_one(self, prepared: Prepared, future: Future) -> None:
         self._began, self._rows = time.monotonic(), 1

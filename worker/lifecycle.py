@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
     from sqlalchemy.orm import Session, sessionmaker
 
+    from metrics.catalog import DescribeMetrics
+    from metrics.server import MetricsServer
     from models.runner import ModelRunner
     from worker.batcher import Batcher
 
@@ -48,8 +50,10 @@ class WorkerRuntime:
     sampler: FrameSampler
     batcher: Batcher
     host: str  # host:pid, stored on each report and claimed video
+    metrics: DescribeMetrics
     sessions: sessionmaker[Session] | None = None  # None: no store (`worker describe`)
     db_engine: Engine | None = field(default=None, repr=False)
+    metrics_server: MetricsServer | None = field(default=None, repr=False)
     # Set when a shutdown cuts tasks short: what fails then is the shutdown, not the video.
     stopping: bool = False
     _closed: bool = field(default=False, repr=False)
@@ -59,7 +63,9 @@ class WorkerRuntime:
 
     @classmethod
     def open(cls, settings: Settings, *, with_store: bool = True) -> WorkerRuntime:
-        """Build the process's runtime; a ModelError or StoreError says what is wrong."""
+        """Build the process's runtime; a ModelError, StoreError or MetricsPortError
+        says what is wrong."""
+        from metrics.catalog import DescribeMetrics
         from models.runner import build_runner
         from worker.batcher import Batcher
 
@@ -86,12 +92,23 @@ class WorkerRuntime:
             timeout_s=settings.decode_timeout_s,
             memory_gib=settings.decode_memory_gib,
         )
+        metrics = DescribeMetrics()
         batcher = Batcher(
-            runner, wait_s=settings.batch_wait_ms / 1000, stall_s=settings.gpu_stall_s
+            runner,
+            wait_s=settings.batch_wait_ms / 1000,
+            stall_s=settings.gpu_stall_s,
+            on_batch=metrics.batch,
         )
         host = f"{socket.gethostname()}:{os.getpid()}"
+        rt = cls(settings, runner, sampler, batcher, host, metrics, sessions, db_engine)
+        if with_store:
+            try:
+                rt.metrics_server = _serve_metrics(rt)
+            except BaseException:
+                rt.close()
+                raise
         log.info("worker runtime open: %s, %s", runner.model_id, host)
-        return cls(settings, runner, sampler, batcher, host, sessions, db_engine)
+        return rt
 
     def start_heartbeat(self) -> None:
         """Beat now, then every HEARTBEAT_S on a thread that also sweeps every SWEEP_S."""
@@ -160,6 +177,8 @@ class WorkerRuntime:
                 log.warning("could not mark worker %s stopped: %s", self.host, e)
         self.batcher.close(cancel=cold)
         self.sampler.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.db_engine is not None:
             self.db_engine.dispose()
         log.info("worker runtime closed")
@@ -169,6 +188,24 @@ class WorkerRuntime:
 
     def __exit__(self, *_exc) -> None:
         self.close()
+
+
+def _serve_metrics(rt: WorkerRuntime) -> MetricsServer | None:
+    """The process's /metrics on FLEETSCRIBE_METRICS_PORT (None when 0): its counters, the
+    GPU memory, the store's videos by state and the depth of every queue."""
+    from metrics.collectors import GpuMemoryCollector, QueueDepthCollector, StoreCollector
+    from metrics.server import serve
+
+    if not rt.settings.metrics_port:
+        return None
+    metrics = rt.metrics
+    metrics.describe_process(
+        host=rt.host, model=rt.runner.model_id, adapter=rt.runner.adapter or ""
+    )
+    metrics.registry.register(GpuMemoryCollector(rt.runner.memory.in_use))
+    metrics.registry.register(QueueDepthCollector(rt.settings))
+    metrics.registry.register(StoreCollector(rt.sessions))
+    return serve(metrics.registry, rt.settings.metrics_port)
 
 
 def adapter_path(settings: Settings, sessions: sessionmaker[Session] | None) -> str | None:

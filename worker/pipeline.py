@@ -9,12 +9,14 @@ the report a worker stores.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from datetime import UTC, datetime
 from typing import Any
 
 from db import store
-from db.models import FINAL_STATES, VideoState
+from db.models import FINAL_STATES, VideoState, utcnow
 from db.session import session_scope
 from models.errors import ModelError
 from models.runner import Answer
@@ -34,21 +36,26 @@ def run_video(
     Raises VideoError (the file) or ModelError (the model), each with its one-line reason,
     or TimeoutError when no answer came within the task soft time limit."""
     settings = rt.settings
+    stage = rt.metrics.stage
     # The GPU thread batches this video with the other tasks' videos; while this one is
     # decoded and preprocessed, a partial batch waits for it.
     with rt.batcher.preparing():
         # Decoded in a child process that is killed after decode_timeout_s: a thread stuck
         # in FFmpeg could never be stopped. It checks the file is still the allowed,
         # unchanged one that was enqueued.
-        sampled = rt.sampler.sample(
-            path,
-            k,
-            expected_bytes=expected_bytes,
-            roots=settings.video_roots,
-            max_side=settings.frame_max_side,
-        )
-        pending = rt.batcher.submit(rt.runner.prepare(sampled))
-    return sampled, pending.result(timeout=settings.task_soft_time_limit)
+        with stage.labels(stage="decode").time():
+            sampled = rt.sampler.sample(
+                path,
+                k,
+                expected_bytes=expected_bytes,
+                roots=settings.video_roots,
+                max_side=settings.frame_max_side,
+            )
+        with stage.labels(stage="preprocess").time():
+            prepared = rt.runner.prepare(sampled)
+        pending = rt.batcher.submit(prepared)
+    with stage.labels(stage="generate").time():
+        return sampled, pending.result(timeout=settings.task_soft_time_limit)
 
 
 def build_report(
@@ -74,10 +81,15 @@ def build_report(
     )
 
 
-def fail(rt: WorkerRuntime, video_id: int, reason: str) -> None:
-    """Mark a video failed with its one-line reason."""
+def fail(rt: WorkerRuntime, video_id: int, reason: str, *, kind: str = "internal") -> None:
+    """Mark a video failed with its one-line reason. `kind` counts it in the metrics:
+    "video" (its file: rejected), else why the worker failed it: model, timeout, internal."""
     with session_scope(rt.sessions) as session:
         store.record_failure(session=session, video_id=video_id, reason=reason)
+    if kind == "video":
+        rt.metrics.rejected.inc()
+    else:
+        rt.metrics.failed.labels(reason=kind).inc()
     log.warning("video %s failed: %s", video_id, reason)
 
 
@@ -103,6 +115,8 @@ def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int |
             return VideoState.DONE.value
         expected_bytes = video.bytes
         k = frames or video.frames or rt.settings.frames
+        if video.published_at is not None:
+            rt.metrics.queue_wait.observe(_seconds_since(video.published_at))
 
     try:
         sampled, answer = run_video(rt, path, k, expected_bytes=expected_bytes)
@@ -113,19 +127,30 @@ def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int |
             raise
         if isinstance(e, TimeoutError):
             limit = rt.settings.task_soft_time_limit
-            fail(rt, video_id, f"no answer from the model within {limit} s (task soft time limit)")
+            reason = f"no answer from the model within {limit} s (task soft time limit)"
+            fail(rt, video_id, reason, kind="timeout")
         else:
-            fail(rt, video_id, str(e))
+            fail(rt, video_id, str(e), kind="video" if isinstance(e, VideoError) else "model")
         return VideoState.FAILED.value
 
     new = build_report(rt, sampled, answer, video_id=video_id)
+    began = time.perf_counter()
     with session_scope(rt.sessions) as session:
         _, created = store.record_report(session=session, new=new)
+    rt.metrics.stage.labels(stage="store").observe(time.perf_counter() - began)
+    if created:
+        rt.metrics.described.labels(valid=str(new.report is not None).lower()).inc()
     if not created:
         log.info("video %s already had a report; redelivery ignored", video_id)
     elif new.report is None:
         log.info("video %s: report stored as invalid: %s", video_id, new.error)
     return VideoState.DONE.value
+
+
+def _seconds_since(moment: datetime) -> float:
+    if moment.tzinfo is None:  # SQLite hands timestamps back without their zone (UTC)
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (utcnow() - moment).total_seconds())
 
 
 def describe_files(rt: WorkerRuntime, paths: list[str], *, frames: int | None) -> list[dict]:
