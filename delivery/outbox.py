@@ -47,6 +47,11 @@ def send(videos: Sequence[Video], *, sessions: sessionmaker[Session], settings: 
                     app.send_task(
                         DESCRIBE_TASK,
                         kwargs={"video_id": video.id, "path": video.path, "frames": video.frames},
+                        # What Flower (and the task events) show of it: the video's id,
+                        # path and sha256; the message itself carries what the task needs.
+                        kwargsrepr=repr(
+                            {"video_id": video.id, "path": video.path, "sha256": video.sha256}
+                        ),
                         queue=DESCRIBE_QUEUE,
                         priority=video.priority,
                         producer=producer,

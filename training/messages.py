@@ -19,8 +19,15 @@ def send_run(app, sessions, run_id: int) -> str:
     from db import training as runs
     from db.session import session_scope
 
+    with session_scope(sessions) as session:
+        run = runs.get_run(session=session, run_id=run_id)
+        name = run.name if run is not None else None
     result = app.send_task(
-        TRAIN_TASK, kwargs={"run_id": run_id}, queue=TRAIN_QUEUE, routing_key=TRAIN_QUEUE
+        TRAIN_TASK,
+        kwargs={"run_id": run_id},
+        kwargsrepr=repr({"run_id": run_id, "run": name}),  # what Flower shows of it
+        queue=TRAIN_QUEUE,
+        routing_key=TRAIN_QUEUE,
     )
     with session_scope(sessions) as session:
         runs.mark_sent(session=session, run_id=run_id, task_id=result.id)
