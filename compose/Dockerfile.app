@@ -1,5 +1,5 @@
 # fleetscribe CPU image: the producer CLI (`python -m producer`), migrations and SQL
-# (`python -m db`) and Flower (`celery ... flower`). No GPU needed.
+# (`python -m db`) and Flower (`python -m worker flower`). No GPU needed.
 # Build context is the repository root (compose uses `context: ..`):
 #   docker build -f compose/Dockerfile.app -t fleetscribe-app .
 #
@@ -20,22 +20,30 @@ COPY constraints.txt ./
 RUN pip install -c constraints.txt torch torchvision
 
 COPY pyproject.toml README.md ./
-COPY db/ db/
+# Every package of pyproject.toml's packages.find (tests/test_compose.py checks the list).
+COPY config/ config/
+COPY video/ video/
+COPY broker/ broker/
 COPY models/ models/
+COPY db/ db/
+COPY delivery/ delivery/
+COPY metrics/ metrics/
 COPY producer/ producer/
-COPY training/ training/
 COPY worker/ worker/
+COPY training/ training/
 # The `monitor` extra brings Flower.
 RUN pip install -c constraints.txt ".[monitor]" \
     && rm -rf /src
 
 ARG APP_UID=10001
 RUN useradd --uid ${APP_UID} --create-home --shell /usr/sbin/nologin fleetscribe \
-    && mkdir -p /var/lib/fleetscribe \
-    && chown fleetscribe:fleetscribe /var/lib/fleetscribe
+    && mkdir -p /var/lib/fleetscribe/flower \
+    && chown -R fleetscribe:fleetscribe /var/lib/fleetscribe
 ENV FLEETSCRIBE_HOME=/var/lib/fleetscribe
 USER fleetscribe
 WORKDIR /var/lib/fleetscribe
 
+# /var/lib/fleetscribe/flower exists, owned by the user, so the flower-data volume compose
+# mounts there starts out writable (Flower's --db).
 # Each compose service sets its own command (migrate, flower, producer).
 CMD ["python", "-m", "producer", "--help"]
