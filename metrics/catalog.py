@@ -114,60 +114,45 @@ class DescribeMetrics(_ProcessMetrics):
             self.tokens_per_second.set(tokens / seconds)
 
 
+# The gauges of the run a training worker trains: the PROGRESS field each is set from,
+# its metric name and its help text.
+RUN_GAUGES = {
+    "step": ("fleetscribe_training_step", "Optimizer steps done in the run."),
+    "total_steps": ("fleetscribe_training_total_steps", "Steps the run will take."),
+    "loss": ("fleetscribe_training_loss", "Training loss at the last logged step."),
+    "learning_rate": ("fleetscribe_training_learning_rate", "Learning rate at the last step."),
+    "samples_per_s": (
+        "fleetscribe_training_samples_per_second",
+        "Training samples per second since the run (re)started.",
+    ),
+}
+
+
 class TrainingMetrics(_ProcessMetrics):
     """A training worker's gauges of the run it trains, and its runs by outcome."""
 
     def __init__(self) -> None:
         super().__init__("train")
-        r = self.registry
-        self.step = Gauge(
-            "fleetscribe_training_step", "Optimizer steps done in the run.", ["run"], registry=r
-        )
-        self.total_steps = Gauge(
-            "fleetscribe_training_total_steps", "Steps the run will take.", ["run"], registry=r
-        )
-        self.loss = Gauge(
-            "fleetscribe_training_loss",
-            "Training loss at the last logged step.",
-            ["run"],
-            registry=r,
-        )
-        self.learning_rate = Gauge(
-            "fleetscribe_training_learning_rate",
-            "Learning rate at the last logged step.",
-            ["run"],
-            registry=r,
-        )
-        self.samples_per_second = Gauge(
-            "fleetscribe_training_samples_per_second",
-            "Training samples per second since the run (re)started.",
-            ["run"],
-            registry=r,
-        )
+        self.gauges = {
+            field: Gauge(name, text, ["run"], registry=self.registry)
+            for field, (name, text) in RUN_GAUGES.items()
+        }
         self.runs = Counter(
             "fleetscribe_training_runs",
-            "Runs this worker ended, by outcome (done, failed, cancelled, released).",
+            "Runs this worker ended, by outcome (done, failed, cancelled, released, lost).",
             ["outcome"],
-            registry=r,
+            registry=self.registry,
         )
 
     def progress(self, run: str, progress: dict) -> None:
         """A logged step of `run` (the fields of the train task's PROGRESS state)."""
-        for gauge, key in (
-            (self.step, "step"),
-            (self.total_steps, "total_steps"),
-            (self.loss, "loss"),
-            (self.learning_rate, "learning_rate"),
-            (self.samples_per_second, "samples_per_s"),
-        ):
-            value = progress.get(key)
+        for field, gauge in self.gauges.items():
+            value = progress.get(field)
             if isinstance(value, int | float):
                 gauge.labels(run=run).set(value)
 
     def forget(self, run: str) -> None:
         """The run left this worker: its gauges go, so a dashboard shows no stale run."""
-        for gauge in (
-            self.step, self.total_steps, self.loss, self.learning_rate, self.samples_per_second
-        ):  # fmt: skip
+        for gauge in self.gauges.values():
             with contextlib.suppress(KeyError):  # the run never logged a step here
                 gauge.remove(run)

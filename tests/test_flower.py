@@ -138,17 +138,21 @@ def test_flower_shows_the_worker_the_queues_and_the_finished_task(
         assert [t["uuid"] for t in restored] == [task["uuid"]]
 
 
-def test_flower_refuses_to_start_without_credentials(tmp_path):
-    env = _env(tmp_path / "home", "filesystem://", "", tmp_path / "no-model")
-    env.pop("FLEETSCRIBE_DATABASE_URL")
-    out = subprocess.run(
-        [sys.executable, "-m", "worker", "flower", f"--port={_free_port()}"],
+def _flower_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "flower", f"--port={_free_port()}", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_flower_refuses_to_start_without_credentials(tmp_path):
+    env = _env(tmp_path / "home", "filesystem://", "", tmp_path / "no-model")
+    env.pop("FLEETSCRIBE_DATABASE_URL")
+    out = _flower_cli(env)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == (
         "error: Flower needs FLEETSCRIBE_FLOWER_BASIC_AUTH (user:password; or the file "
@@ -156,14 +160,7 @@ def test_flower_refuses_to_start_without_credentials(tmp_path):
         "it without, on purpose"
     )
     env["FLEETSCRIBE_FLOWER_BASIC_AUTH"] = "nopassworduser"  # a user without a password
-    out = subprocess.run(
-        [sys.executable, "-m", "worker", "flower"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _flower_cli(env)
     assert out.returncode == 2
     assert "FLEETSCRIBE_FLOWER_BASIC_AUTH: user:password expected" in out.stderr
     assert "nopassworduser" not in out.stderr  # the value is never shown
