@@ -83,3 +83,20 @@ def torch_threads(count: int):
             torch.set_num_threads(before)
 
     return pinned()
+
+
+def system_tool(name: str, package: str) -> str:
+    """The path of a command the test needs (a Debian package .ci/run installs): skipped
+    with the reason off CI, a failure on CI (CI set), where a missing tool is a bug."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message + "; on CI (CI set) this fails instead")
+    return path

@@ -32,6 +32,7 @@ from pathlib import Path
 import click
 import pytest
 import yaml
+from helpers import system_tool
 
 from config.settings import SECRETS_DIR_VARIABLE, Settings
 
@@ -72,14 +73,7 @@ SERVICES = {
 
 
 def _tool(name: str, package: str) -> str:
-    """The command's path; skipped with the reason off CI, a failure on CI (.ci/run)."""
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message + "; on CI (CI set) this fails instead")
-    return path
+    return system_tool(name, package)
 
 
 @functools.cache

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+from helpers import system_tool
 
 from metrics.names import names
 
@@ -59,13 +57,7 @@ REQUIRED = {
 
 
 def _tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message + "; on CI (CI set) this fails instead")
-    return path
+    return system_tool(name, package)
 
 
 def _dashboard() -> dict:

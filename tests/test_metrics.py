@@ -4,7 +4,6 @@ Prometheus with the shipped scrape configuration reads them back through its HTT
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import system_tool
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from test_pipeline import _env, _run, _states, _wait_for, running_worker, upgrade_store
@@ -157,9 +157,7 @@ def _prometheus_config(shipped: Path, target: str, folder: Path) -> Path:
 def test_a_real_prometheus_scrapes_the_worker_with_the_shipped_configuration(
     described, pg_url, tmp_path
 ):
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("no prometheus binary (.ci/run installs Debian's prometheus)")
+    binary = system_tool("prometheus", "prometheus")
     port, _, _ = described
     hosts, _tokens, _reasons = _store_view(pg_url)
     config = _prometheus_config(SCRAPE_CONFIG, f"127.0.0.1:{port}", tmp_path)
