@@ -35,6 +35,20 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def serve(registry: CollectorRegistry, port: int) -> MetricsServer | None:
-    """The server for `port`; None when metrics are off (port 0)."""
-    return MetricsServer(registry, port=port) if port else None
+def serve_process(
+    metrics, settings, *, host: str, model: str, adapter: str, gpu_memory, sessions=None
+) -> MetricsServer | None:
+    """A worker process's /metrics on FLEETSCRIBE_METRICS_PORT (None when it is 0): its
+    own `metrics` (metrics.catalog), who it is, its GPU memory (`gpu_memory`, a function
+    returning None off the GPU), the depth of every queue and, given `sessions`, the
+    store's videos by state."""
+    from metrics.collectors import GpuMemoryCollector, QueueDepthCollector, StoreCollector
+
+    if not settings.metrics_port:
+        return None
+    metrics.describe_process(host=host, model=model, adapter=adapter)
+    metrics.registry.register(GpuMemoryCollector(gpu_memory))
+    metrics.registry.register(QueueDepthCollector(settings))
+    if sessions is not None:
+        metrics.registry.register(StoreCollector(sessions))
+    return MetricsServer(metrics.registry, port=settings.metrics_port)

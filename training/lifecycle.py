@@ -55,13 +55,22 @@ class TrainingRuntime:
     def open(cls, settings: Settings, app: Celery) -> TrainingRuntime:
         from db.session import make_sessionmaker, open_store
         from metrics.catalog import TrainingMetrics
+        from metrics.server import serve_process
+        from models.memory import cuda_memory
 
         db_engine = open_store(settings, wait_s=60)  # at the revision this code needs
         host = f"{socket.gethostname()}:{os.getpid()}"
         sessions = make_sessionmaker(db_engine)
         rt = cls(settings, app, sessions, db_engine, host, TrainingMetrics())
         try:
-            rt.metrics_server = _serve_metrics(rt)
+            rt.metrics_server = serve_process(
+                rt.metrics,
+                settings,
+                host=host,
+                model=settings.model,
+                adapter="",
+                gpu_memory=cuda_memory,  # CUDA starts in the task, with the run's model
+            )
         except BaseException:
             db_engine.dispose()
             raise
@@ -136,18 +145,3 @@ class TrainingRuntime:
             self.metrics_server.close()
         self.db_engine.dispose()
         log.info("training runtime closed")
-
-
-def _serve_metrics(rt: TrainingRuntime) -> MetricsServer | None:
-    """The process's /metrics on FLEETSCRIBE_METRICS_PORT (None when 0): the run it trains
-    (step, loss, learning rate, samples/s), GPU memory and the depth of every queue."""
-    from metrics.collectors import GpuMemoryCollector, QueueDepthCollector
-    from metrics.server import serve
-    from models.memory import cuda_memory
-
-    if not rt.settings.metrics_port:
-        return None
-    rt.metrics.describe_process(host=rt.host, model=rt.settings.model, adapter="")
-    rt.metrics.registry.register(GpuMemoryCollector(cuda_memory))
-    rt.metrics.registry.register(QueueDepthCollector(rt.settings))
-    return serve(rt.metrics.registry, rt.settings.metrics_port)

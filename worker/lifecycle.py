@@ -66,6 +66,7 @@ class WorkerRuntime:
         """Build the process's runtime; a ModelError, StoreError or MetricsPortError
         says what is wrong."""
         from metrics.catalog import DescribeMetrics
+        from metrics.server import serve_process
         from models.runner import build_runner
         from worker.batcher import Batcher
 
@@ -103,7 +104,15 @@ class WorkerRuntime:
         rt = cls(settings, runner, sampler, batcher, host, metrics, sessions, db_engine)
         if with_store:
             try:
-                rt.metrics_server = _serve_metrics(rt)
+                rt.metrics_server = serve_process(
+                    metrics,
+                    settings,
+                    host=host,
+                    model=runner.model_id,
+                    adapter=runner.adapter or "",
+                    gpu_memory=runner.memory.in_use,
+                    sessions=sessions,
+                )
             except BaseException:
                 rt.close()
                 raise
@@ -188,24 +197,6 @@ class WorkerRuntime:
 
     def __exit__(self, *_exc) -> None:
         self.close()
-
-
-def _serve_metrics(rt: WorkerRuntime) -> MetricsServer | None:
-    """The process's /metrics on FLEETSCRIBE_METRICS_PORT (None when 0): its counters, the
-    GPU memory, the store's videos by state and the depth of every queue."""
-    from metrics.collectors import GpuMemoryCollector, QueueDepthCollector, StoreCollector
-    from metrics.server import serve
-
-    if not rt.settings.metrics_port:
-        return None
-    metrics = rt.metrics
-    metrics.describe_process(
-        host=rt.host, model=rt.runner.model_id, adapter=rt.runner.adapter or ""
-    )
-    metrics.registry.register(GpuMemoryCollector(rt.runner.memory.in_use))
-    metrics.registry.register(QueueDepthCollector(rt.settings))
-    metrics.registry.register(StoreCollector(rt.sessions))
-    return serve(metrics.registry, rt.settings.metrics_port)
 
 
 def adapter_path(settings: Settings, sessions: sessionmaker[Session] | None) -> str | None:
