@@ -49,11 +49,30 @@ def failure_counts(
     return [(why, n) for why, n in rows]
 
 
-def failed_videos(
+def failure_states(
     *, session: Session, batch_id: int | None = None, reason: str | None = None
-) -> list[FailedVideo]:
-    """The failed and rejected videos themselves (same scope as `failure_counts`), by id."""
+) -> dict[str, int]:
+    """How many videos of `failure_counts`'s scope ended failed and how many rejected."""
     rows = session.execute(
+        select(Video.state, func.count()).where(*_scope(batch_id, reason)).group_by(Video.state)
+    )
+    counts = {state.value: 0 for state in FAILED_STATES}
+    for state, n in rows:
+        counts[VideoState(state).value] = n
+    return counts
+
+
+def failed_videos(
+    *,
+    session: Session,
+    batch_id: int | None = None,
+    reason: str | None = None,
+    limit: int | None = None,
+) -> list[FailedVideo]:
+    """The failed and rejected videos themselves (same scope as `failure_counts`), by id;
+    only the first `limit` of them when given (a million-video store may hold tens of
+    thousands: `failure_states` counts them all)."""
+    query = (
         select(
             Video.id,
             Video.state,
@@ -65,7 +84,9 @@ def failed_videos(
         .where(*_scope(batch_id, reason))
         .order_by(Video.id)
     )
+    if limit is not None:
+        query = query.limit(limit)
     return [
         FailedVideo(vid, VideoState(state).value, path, why or "", attempts, when)
-        for vid, state, path, why, attempts, when in rows
+        for vid, state, path, why, attempts, when in session.execute(query)
     ]

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
@@ -86,6 +87,10 @@ class Batch(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     inputs: Mapped[int] = mapped_column(Integer, default=0)
     note: Mapped[str] = mapped_column(Text, default="")
+    # A fingerprint of the command (inputs, frames, priority): a second run of the same
+    # command resumes the batch until completed_at says every input was recorded.
+    key: Mapped[str | None] = mapped_column(String(64), index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Video(Base):
@@ -97,7 +102,11 @@ class Video(Base):
     path: Mapped[str] = mapped_column(Text)
     # NULL only for inputs that could not be read at all.
     sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
-    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    # Size plus a hash of sampled blocks (producer.fingerprint), for every readable input;
+    # `dedupe` says which key decided this video's identity: 'sha256' or 'fast'.
+    fast_key: Mapped[str | None] = mapped_column(String(80), index=True)
+    dedupe: Mapped[str | None] = mapped_column(String(8))
     duration: Mapped[float | None] = mapped_column(Float)
     codec: Mapped[str | None] = mapped_column(String(32))
     container: Mapped[str | None] = mapped_column(String(64))
@@ -124,7 +133,15 @@ class Video(Base):
 
     reports: Mapped[list[Report]] = relationship(back_populates="video")
 
-    __table_args__ = (Index("ix_videos_unpublished", "state", "published_at"),)
+    # The backlog: queued videos whose message is not sent, highest priority first, then
+    # oldest; the feeder (delivery.outbox.feed) takes a window at a time.
+    __table_args__ = (
+        Index("ix_videos_backlog", "state", "published_at", text("priority DESC"), "id"),
+        # the status counts' and the sweep's queries by state (migration 0006 says which)
+        Index("ix_videos_state_finished", "state", "finished_at"),
+        Index("ix_videos_state_started", "state", "started_at"),
+        Index("ix_videos_state_worker", "state", "worker"),
+    )
 
     @property
     def failed_internally(self) -> bool:
@@ -158,6 +175,9 @@ class Submission(Base):
     # queued | duplicate | already_<state> | rejected
     outcome: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    # a resumed batch skips the paths it already recorded
+    __table_args__ = (Index("ix_submissions_batch_path", "batch_id", "path"),)
 
 
 class Report(Base):

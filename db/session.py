@@ -74,6 +74,24 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
+@contextmanager
+def exclusive(factory: sessionmaker[Session], key: int) -> Iterator[bool]:
+    """Whether this process is the only one inside the block for `key`, across every
+    machine on the same PostgreSQL (a transaction-level advisory lock, taken without
+    waiting: False when another holds it). SQLite has no such lock: always True there
+    (its writers are serialized by the file's lock)."""
+    session = factory()
+    try:
+        if session.get_bind().dialect.name != "postgresql":
+            yield True
+            return
+        got = session.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": key})
+        yield bool(got)
+    finally:
+        session.rollback()  # ends the transaction: the lock is released
+        session.close()
+
+
 def wait_for_database(engine: Engine, *, timeout: float = 60.0) -> None:
     """Block until the database answers, or raise DatabaseUnavailable after `timeout` s.
     A database that answers but cannot be used as configured (no such database, login

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -44,8 +44,102 @@ def create_batch(*, session: Session, frames: int, priority: int, inputs: int, n
     return batch
 
 
+def open_batch(
+    *, session: Session, key: str | None, frames: int, priority: int, note: str
+) -> tuple[Batch, int]:
+    """The unfinished batch of the same command (`key`) to resume, with the number of
+    inputs it recorded, or a new batch and 0."""
+    if key is not None:
+        batch = session.scalar(
+            select(Batch)
+            .where(Batch.key == key, Batch.completed_at.is_(None))
+            .order_by(Batch.id.desc())
+            .limit(1)
+        )
+        if batch is not None:
+            recorded = session.scalar(select(func.count()).where(Submission.batch_id == batch.id))
+            return batch, recorded or 0
+    batch = Batch(frames=frames, priority=priority, inputs=0, note=note, key=key)
+    session.add(batch)
+    session.flush()
+    return batch, 0
+
+
+def complete_batch(*, session: Session, batch_id: int) -> None:
+    """Every input of the batch is recorded: a later run of the command is a new batch."""
+    session.execute(update(Batch).where(Batch.id == batch_id).values(completed_at=utcnow()))
+
+
+def count_inputs(*, session: Session, batch_id: int, added: int) -> None:
+    session.execute(update(Batch).where(Batch.id == batch_id).values(inputs=Batch.inputs + added))
+
+
+def recorded_paths(*, session: Session, batch_id: int, paths: list[str]) -> set[str]:
+    """Which of `paths` the batch already has a submission for."""
+    if not paths:
+        return set()
+    return set(
+        session.scalars(
+            select(Submission.path).where(
+                Submission.batch_id == batch_id, Submission.path.in_(paths)
+            )
+        )
+    )
+
+
 def find_video(*, session: Session, sha256: str) -> Video | None:
     return session.scalar(select(Video).where(Video.sha256 == sha256))
+
+
+def videos_by_sha256(*, session: Session, sha256s: set[str]) -> dict[str, Video]:
+    """The stored videos with these sha256s."""
+    if not sha256s:
+        return {}
+    rows = session.scalars(select(Video).where(Video.sha256.in_(sha256s)))
+    return {v.sha256: v for v in rows}
+
+
+def videos_by_fast_key(*, session: Session, fast_keys: set[str]) -> dict[str, list[Video]]:
+    """The stored videos with these fast keys, oldest first under each (more than one
+    only after a collision)."""
+    if not fast_keys:
+        return {}
+    out: dict[str, list[Video]] = {}
+    query = select(Video).where(Video.fast_key.in_(fast_keys)).order_by(Video.id)
+    for v in session.scalars(query):
+        out.setdefault(v.fast_key, []).append(v)
+    return out
+
+
+def submitted_videos(*, session: Session, batch_id: int, ids: set[int]) -> set[int]:
+    """Which of these videos an input of the batch already was."""
+    if not ids:
+        return set()
+    return set(
+        session.scalars(
+            select(Submission.video_id)
+            .where(Submission.batch_id == batch_id, Submission.video_id.in_(ids))
+            .distinct()
+        )
+    )
+
+
+def add_submissions(*, session: Session, rows: list[dict[str, Any]]) -> None:
+    """One submission per input, in one statement."""
+    if rows:
+        now = utcnow()
+        session.execute(insert(Submission), [{"created_at": now, **row} for row in rows])
+
+
+def sizes_without_fast_key(*, session: Session, sizes: set[int]) -> set[int]:
+    """Of these file sizes, those of videos recorded without a fast key."""
+    if not sizes:
+        return set()
+    return set(
+        session.scalars(
+            select(Video.bytes).where(Video.bytes.in_(sizes), Video.fast_key.is_(None)).distinct()
+        )
+    )
 
 
 def add_video(*, session: Session, **fields: Any) -> Video:
@@ -85,6 +179,80 @@ def mark_published(*, session: Session, video_ids: list[int]) -> None:
             .where(Video.id.in_(video_ids), Video.state == VideoState.QUEUED)
             .values(published_at=utcnow())
         )
+
+
+def _in_backlog():
+    return (Video.state == VideoState.QUEUED) & Video.published_at.is_(None)
+
+
+def backlog(*, session: Session, limit: int) -> list[Video]:
+    """The next `limit` videos of the backlog (queued, message not sent): highest priority
+    first, then oldest (the index ix_videos_backlog in that order)."""
+    if limit <= 0:
+        return []
+    return list(
+        session.scalars(
+            select(Video)
+            .where(_in_backlog())
+            .order_by(Video.priority.desc(), Video.id)
+            .limit(limit)
+        )
+    )
+
+
+def backlog_count(*, session: Session, batch_id: int | None = None) -> int:
+    """Queued videos whose message is not sent (all, or those one batch submitted)."""
+    query = select(func.count()).select_from(Video).where(_in_backlog())
+    if batch_id is not None:
+        query = query.where(Video.id.in_(_batch_video_ids(batch_id)))
+    return session.scalar(query) or 0
+
+
+def batch_backlog_ids(*, session: Session, batch_id: int) -> list[int]:
+    """The backlog of one batch, in the order the feeder sends it."""
+    return list(
+        session.scalars(
+            select(Video.id)
+            .where(_in_backlog(), Video.id.in_(_batch_video_ids(batch_id)))
+            .order_by(Video.priority.desc(), Video.id)
+        )
+    )
+
+
+def sent_not_taken(*, session: Session) -> int:
+    """Queued videos whose message is sent and taken by no worker yet: what the broker
+    should hold, for a broker that cannot be asked (the in-memory one)."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Video)
+            .where(
+                Video.state == VideoState.QUEUED,
+                Video.published_at.is_not(None),
+                Video.worker.is_(None),
+            )
+        )
+        or 0
+    )
+
+
+def live_workers(*, session: Session, lapsed_before: datetime) -> int:
+    return session.scalar(select(func.count()).select_from(_alive(lapsed_before).subquery())) or 0
+
+
+def finished_since(*, session: Session, since: datetime) -> int:
+    """Videos done or failed since `since`: the fleet's recent throughput."""
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Video)
+            .where(
+                Video.state.in_((VideoState.DONE, VideoState.FAILED)),
+                Video.finished_at >= since,
+            )
+        )
+        or 0
+    )
 
 
 def unpublished(*, session: Session, older_than: datetime | None = None) -> list[Video]:

@@ -371,3 +371,125 @@ def test_a_migrating_user_that_may_not_make_roles_still_upgrades(private_pg, tmp
     out = run_cli(["db", "query", "SELECT current_user AS who", "--format", "csv"], tmp_path, env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["who", "owner"]
+
+
+# --- the models and the migrations agree ----------------------------------------------------
+
+
+def _key_columns(expression) -> tuple[str, bool]:
+    """(column, descending) of one key of a model's index: a column or text('col DESC')."""
+    words = str(expression).split(".")[-1].split()
+    return words[0], len(words) > 1 and words[1].upper() == "DESC"
+
+
+def _sorted_alike(conn, diffs: list) -> set[str]:
+    """The indexes that autogenerate reports removed and added again on SQLite only because
+    SQLAlchemy reflects no sort order there: the stored index has the model's keys and
+    directions (PRAGMA index_xinfo), so it is the same index."""
+    removed = {d[1].name for d in diffs if isinstance(d, tuple) and d[0] == "remove_index"}
+    added = {d[1].name: d[1] for d in diffs if isinstance(d, tuple) and d[0] == "add_index"}
+    same = set()
+    for name in removed & added.keys():
+        stored = [
+            (row[2], bool(row[3]))
+            for row in conn.exec_driver_sql(f'PRAGMA index_xinfo("{name}")')
+            if row[5]  # a key column, not the rowid
+        ]
+        if stored == [_key_columns(e) for e in added[name].expressions]:
+            same.add(name)
+    return same
+
+
+def _differences(url: str) -> list:
+    """What alembic's autogenerate finds between the database at `url` and db.models (types
+    and server defaults included): nothing, when the migrations build what the models say."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.models import Base
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": True}
+            )
+            diffs = compare_metadata(context, Base.metadata)
+            if conn.dialect.name == "sqlite":
+                same = _sorted_alike(conn, diffs)
+                diffs = [
+                    d
+                    for d in diffs
+                    if not (
+                        isinstance(d, tuple)
+                        and d[0] in ("remove_index", "add_index")
+                        and d[1].name in same
+                    )
+                ]
+            return diffs
+    finally:
+        engine.dispose()
+
+
+def _downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    from db.migrate import alembic_config
+
+    engine = make_engine(url)
+    try:
+        cfg = alembic_config(url)
+        with engine.connect() as connection:
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, revision)
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+def test_the_migrations_build_what_the_models_say(db_url):
+    engine = make_engine(db_url)
+    upgrade(engine)
+    engine.dispose()
+    assert _differences(db_url) == []
+
+
+def test_down_to_0004_and_up_again_keeps_the_rows_and_the_schema(db_url):
+    engine = make_engine(db_url)
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, created_at, frames, priority, inputs, note) "
+                "VALUES (1, :at, 8, 0, 1, '')"
+            ),
+            {"at": "2026-01-01 00:00:00"},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO videos (id, path, sha256, state, reason, attempts, priority, "
+                "batch_id, created_at, updated_at) VALUES (1, '/v/a.mp4', :sha, 'failed', "
+                "'decode error', 1, 0, 1, :at, :at)"
+            ),
+            {"sha": "a" * 64, "at": "2026-01-01 00:00:00"},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO submissions (batch_id, path, video_id, outcome, created_at) "
+                "VALUES (1, '/v/a.mp4', 1, 'queued', :at)"
+            ),
+            {"at": "2026-01-01 00:00:00"},
+        )
+    engine.dispose()
+
+    _downgrade(db_url, "0004")
+    assert _revision(db_url) == "0004"
+    engine = make_engine(db_url)
+    names = {i["name"] for i in inspect(engine).get_indexes("videos")}
+    assert "ix_videos_backlog" not in names and "ix_videos_unpublished" in names
+    assert upgrade(engine) == ("0004", head_revision())
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT path, state, reason FROM videos")).one()
+    engine.dispose()
+    assert tuple(row) == ("/v/a.mp4", "failed", "decode error")
+    assert _differences(db_url) == []
