@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     # step time) is stuck: the worker exits so its videos are redelivered and the
     # supervisor (compose, systemd) starts it again.
     gpu_stall_s: float = Field(600.0, gt=0)
+    # Messages the broker holds for the describe queue at most; the rest of the backlog
+    # waits in SQL (queued, not sent) and a feeder tops the window up: the producer while
+    # it runs, every describe worker's sweep after. 0 = sized from the measured throughput:
+    # QUEUE_WINDOW_MINUTES of work for the live workers, at least 2 batches per worker and
+    # never under 256.
+    queue_window: int = Field(0, ge=0)
+    queue_window_minutes: float = Field(5.0, gt=0, le=1440)
+    # What decides that two inputs are the same video: the sha256 of the whole file, or
+    # the fast key (size plus a hash of sampled blocks, producer/fingerprint.py). Either
+    # is recorded per video; an input whose size matches a video recorded without a fast
+    # key is hashed whole, so the two keys never disagree silently.
+    dedupe_key: Literal["sha256", "fast"] = "sha256"
+    # Processes that hash and probe input files (0: one per CPU core).
+    probe_processes: int = Field(0, ge=0)
     # The largest file the producer accepts; bigger files are rejected with a reason.
     max_video_bytes: int = Field(64 * 2**30, ge=1)
     # The producer hashes and probes each file in a child process, killed past this many

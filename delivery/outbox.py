@@ -1,11 +1,15 @@
-"""Send describe messages and keep the store's outbox mark true.
+"""Send describe messages, keep the store's outbox mark true, and keep the broker's
+window full from the backlog in SQL.
 
-A video row is written `queued` before its message is sent. Once the broker has taken the
-message (kombu's publish returned: Redis answered the LPUSH), the row gets `published_at`.
-So a producer killed mid-send, or a broker that accepted the connection and never
-answered, leaves rows that say their message is unconfirmed, and `send_again` finds them.
-A message sent twice is harmless: the worker finds the stored report, or the report's
-unique key keeps a second one out.
+A video row is written `queued` with no message: the backlog. The feeder (`feed`) sends
+the backlog's first videos (highest priority, then oldest) while the broker holds fewer
+than the window's size (QUEUE_WINDOW: a few minutes of the workers' throughput), so a
+million queued videos cost the broker a window of messages, not a gigabyte. Once the
+broker has taken a message (kombu's publish returned: Redis answered the LPUSH), the row
+gets `published_at`. A producer killed mid-send, or a broker that accepted the connection
+and never answered, leaves rows without the mark: they are still backlog, and are sent
+again. A message sent twice is harmless: the worker finds the stored report, or the
+report's unique key keeps a second one out.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from math import ceil
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from broker.celery_app import DESCRIBE_QUEUE, DESCRIBE_TASK, make_celery
+from broker.celery_app import DESCRIBE_QUEUE, DESCRIBE_TASK, make_celery, queue_depths
 from config.settings import Settings, hide_password
 from db import store
 from db.models import Video, utcnow
-from db.session import session_scope
+from db.session import exclusive, session_scope
 from delivery.errors import BrokerUnavailable
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,11 @@ log = logging.getLogger(__name__)
 # Messages between two outbox marks: a producer killed mid-send resends at most this many
 # messages that had in fact gone out.
 CHUNK = 200
+# The window when QUEUE_WINDOW is 0: never under WINDOW_FLOOR messages nor 2 batches per
+# live worker, else QUEUE_WINDOW_MINUTES of the throughput measured over RATE_WINDOW.
+WINDOW_FLOOR = 256
+RATE_WINDOW = timedelta(minutes=5)
+_FEED_LOCK = 0x666C656574  # PostgreSQL advisory lock key: one feeder at a time
 
 
 def send(videos: Sequence[Video], *, sessions: sessionmaker[Session], settings: Settings) -> int:
@@ -73,22 +83,77 @@ def send(videos: Sequence[Video], *, sessions: sessionmaker[Session], settings: 
     return sent
 
 
+def window_size(*, session: Session, settings: Settings) -> int:
+    """How many describe messages the broker may hold: QUEUE_WINDOW, or when 0, sized from
+    the workers' measured throughput (QUEUE_WINDOW_MINUTES of work), at least two batches
+    per live worker and WINDOW_FLOOR."""
+    if settings.queue_window:
+        return settings.queue_window
+    now = utcnow()
+    live = store.live_workers(
+        session=session, lapsed_before=now - timedelta(seconds=settings.heartbeat_lapse_s)
+    )
+    finished = store.finished_since(session=session, since=now - RATE_WINDOW)
+    per_minute = finished / (RATE_WINDOW.total_seconds() / 60)
+    by_rate = ceil(per_minute * settings.queue_window_minutes)
+    return max(WINDOW_FLOOR, 2 * settings.batch_size * max(live, 1), by_rate)
+
+
+@dataclass
+class Window:
+    """The broker's window of describe messages, and the backlog behind it."""
+
+    size: int
+    waiting: int  # messages the broker holds for the describe queue (or the store's count)
+    backlog: int  # queued videos whose message is not sent
+    counted_by: str  # "broker" or "store" (a broker that cannot say: the in-memory one)
+
+
+def window(*, sessions: sessionmaker[Session], settings: Settings) -> Window:
+    with session_scope(sessions) as session:
+        size = window_size(session=session, settings=settings)
+        waiting, counted_by = _waiting(session, settings)
+        return Window(size, waiting, store.backlog_count(session=session), counted_by)
+
+
+def _waiting(session: Session, settings: Settings) -> tuple[int, str]:
+    waiting = queue_depths(settings).waiting(DESCRIBE_QUEUE)
+    if waiting is None:
+        return store.sent_not_taken(session=session), "store"
+    return waiting, "broker"
+
+
+def feed(*, sessions: sessionmaker[Session], settings: Settings) -> int:
+    """Top the broker's window up from the backlog, highest priority first, then oldest;
+    how many messages it sent. One feeder at a time on PostgreSQL (another one busy: 0).
+    BrokerUnavailable if the broker refuses; what was not confirmed stays backlog."""
+    with exclusive(sessions, _FEED_LOCK) as mine:
+        if not mine:
+            return 0
+        with session_scope(sessions) as session:
+            size = window_size(session=session, settings=settings)
+            waiting, _ = _waiting(session, settings)
+            videos = store.backlog(session=session, limit=size - waiting)
+        return send(videos, sessions=sessions, settings=settings)
+
+
 @dataclass
 class Lost:
     """One video `send_again` found: why, and where it was."""
 
     video_id: int
     path: str
-    why: str  # "unconfirmed", "orphaned" (its worker is dead), "stale" (running too long)
+    why: str  # "orphaned" (its worker is dead), "stale" (running too long)
     worker: str | None = None
 
 
 @dataclass
 class Resent:
-    """What `send_again` found, and how many messages it sent."""
+    """What `send_again` found, the backlog it joined, and how many messages it sent."""
 
     found: list[Lost] = field(default_factory=list)
     sent: int = 0
+    backlog: int = 0  # queued videos whose message is not sent, before feeding
 
     def count(self, why: str) -> int:
         return sum(lost.why == why for lost in self.found)
@@ -98,26 +163,19 @@ def send_again(
     *,
     sessions: sessionmaker[Session],
     settings: Settings,
-    unconfirmed_after_s: float | None = None,
     lapse_s: float | None = None,
     running_over_s: float | None = None,
     dry_run: bool = False,
 ) -> Resent:
-    """Send again what was lost: every queued video whose message was never confirmed
-    (recorded more than `unconfirmed_after_s` ago, default OUTBOX_GRACE_S: a producer may
-    still be sending younger ones), every video running on a dead worker (stopped, or its
-    heartbeat older than `lapse_s`, default 3 beats) and, if `running_over_s` is given, every
-    video running longer than that. Run by `producer reap` and, every SWEEP_S, by each
-    describe worker. `dry_run` only lists them."""
-    if unconfirmed_after_s is None:
-        unconfirmed_after_s = settings.outbox_grace_s
+    """Put back in the backlog every video running on a dead worker (stopped, or its
+    heartbeat older than `lapse_s`, default 3 beats) and, if `running_over_s` is given,
+    every video running longer than that; then top the window up (`feed`), which also
+    sends what a dead producer left unsent. Run by `producer reap` and, every SWEEP_S, by
+    each describe worker. `dry_run` only lists them."""
     if lapse_s is None:
         lapse_s = settings.heartbeat_lapse_s
     now = utcnow()
     with session_scope(sessions) as session:
-        unconfirmed = store.unpublished(
-            session=session, older_than=now - timedelta(seconds=unconfirmed_after_s)
-        )
         orphans = store.orphaned(session=session, lapsed_before=now - timedelta(seconds=lapse_s))
         stale = []
         if running_over_s is not None:
@@ -129,23 +187,22 @@ def send_again(
                 if v.id not in seen
             ]
         result = Resent(
-            [Lost(v.id, v.path, "unconfirmed") for v in unconfirmed]
-            + [Lost(v.id, v.path, "orphaned", v.worker) for v in orphans]
+            [Lost(v.id, v.path, "orphaned", v.worker) for v in orphans]
             + [Lost(v.id, v.path, "stale", v.worker) for v in stale]
         )
-        if dry_run or not result.found:
-            return result
-        for video in unconfirmed:
-            video.updated_at = now  # claimed: another sweep leaves it for the grace period
-        for video in [*orphans, *stale]:
-            store.resend(session=session, video=video)
-    log.warning(
-        "sending again %d unconfirmed, %d orphaned and %d stale videos",
-        result.count("unconfirmed"),
-        result.count("orphaned"),
-        result.count("stale"),
-    )
-    result.sent = send([*unconfirmed, *orphans, *stale], sessions=sessions, settings=settings)
+        if not dry_run:
+            for video in [*orphans, *stale]:
+                store.resend(session=session, video=video)
+        result.backlog = store.backlog_count(session=session)
+    if dry_run:
+        return result
+    if result.found:
+        log.warning(
+            "sending again %d orphaned and %d stale videos",
+            result.count("orphaned"),
+            result.count("stale"),
+        )
+    result.sent = feed(sessions=sessions, settings=settings)
     return result
 
 

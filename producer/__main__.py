@@ -22,6 +22,8 @@ _REASON_ROWS = 50
 
 
 _STALL_S = 30.0
+_FEED_EVERY_S = 2.0  # --wait tops the broker's window up this often
+_FAILURES_LIMIT = 1000  # videos `producer failures` lists unless told --limit
 _stall_option = click.option(
     "--stall-after",
     "stall_s",
@@ -53,40 +55,93 @@ def cli() -> None:
 @click.option("--note", default="", help="Free text stored with the batch.")
 @_stall_option
 def enqueue(paths, manifest, frames, priority, wait, note, stall_s) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from delivery import outbox
     from producer import enqueue as enq
-    from producer.discover import discover, missing_paths
-    from producer.errors import MissingInputs
+    from producer.discover import any_input_exists, iter_inputs
+    from producer.errors import MissingInputs, NoInputs
 
     if not paths and not manifest:
         raise click.UsageError("give at least one PATH or --manifest")
     settings = load_settings()
     frames = frames or settings.frames
-    files = discover(list(paths), manifest=manifest)
-    missing = missing_paths(files)
-    if len(missing) == len(files):  # nothing to enqueue: a slip, not a batch
+    if not any_input_exists(list(paths), manifest=manifest):  # a slip, not a batch
+        missing = list(iter_inputs(list(paths), manifest=manifest))
         if len(missing) == 1:
             raise MissingInputs(f"no such file: {missing[0]}")
         _print_missing(missing)
         raise MissingInputs(f"none of the {len(missing)} inputs exist; nothing enqueued")
     sessions = _sessions(settings)
-
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True, disable=len(files) < 20) as bar:
-        task = bar.add_task("probing", total=len(files))
-        items = enq.inspect_all(files, settings, on_done=lambda _r: bar.advance(task))
-    summary, to_send = enq.record(
-        items, sessions=sessions, frames=frames, priority=priority, note=note
+    job = enq.Enqueue(
+        sessions=sessions,
+        settings=settings,
+        frames=frames,
+        priority=priority,
+        note=note,
+        key=enq.command_key(list(paths), manifest, frames=frames, priority=priority),
+        feed=lambda: outbox.feed(sessions=sessions, settings=settings),
     )
-    summary.sent = outbox.send(to_send, sessions=sessions, settings=settings)
-    _print_summary(summary, len(files), missing=set(missing))
-    _print_missing(missing)
+    with _EnqueueBar() as bar:
+        job.on_progress = bar.show
+        summary = job.run(iter_inputs(list(paths), manifest=manifest))
+    if job.counts.found == 0:
+        raise NoInputs("no video files found in the given paths")
+    backlog = _backlog(sessions, summary.batch_id)
+    _print_summary(summary, job.counts, backlog=backlog, missing=set(summary.missing))
+    _print_missing(summary.missing)
     if wait:
-        _follow(sessions, summary.batch_id, settings=settings, stall_s=stall_s)
-    if missing:
+        _follow(sessions, summary.batch_id, settings=settings, stall_s=stall_s, feed=job.feed)
+    if summary.missing:
         sys.exit(1)  # a partial result: the existing inputs are enqueued, the rest listed
+
+
+def _backlog(sessions, batch_id: int) -> int:
+    from db import store
+    from db.session import session_scope
+
+    with session_scope(sessions) as session:
+        return store.backlog_count(session=session, batch_id=batch_id)
+
+
+class _EnqueueBar:
+    """The enqueue's live line: files found, probed, queued and rejected, with rates, and
+    messages sent; shown on a terminal only, refreshed a few times a second."""
+
+    def __enter__(self):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task("finding files", total=None)
+        self._shown = 0.0
+        return self
+
+    def show(self, c) -> None:
+        now = time.monotonic()
+        if now - self._shown < 0.2:
+            return
+        self._shown = now
+        self.progress.update(self.task, description=_counts_line(c))
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+
+def _counts_line(c) -> str:
+    line = (
+        f"found {c.found:,} ({c.rate(c.found):,.0f}/s), probed {c.probed:,} "
+        f"({c.rate(c.probed):,.0f}/s), queued {c.queued:,}, rejected {c.rejected:,}, "
+        f"sent {c.sent:,}"
+    )
+    if c.resumed:
+        line += f", {c.resumed:,} recorded by an earlier run"
+    return line
 
 
 def _print_missing(missing: list[str]) -> None:
@@ -96,9 +151,13 @@ def _print_missing(missing: list[str]) -> None:
 
 
 def _print_summary(
-    summary, n_inputs: int, *, missing: frozenset[str] | set[str] = frozenset()
+    summary, counts, *, backlog: int = 0, missing: frozenset[str] | set[str] = frozenset()
 ) -> None:
-    table = Table(title=f"batch {summary.batch_id}: {n_inputs} inputs", header_style="bold")
+    inputs = sum(summary.outcomes.values())
+    title = f"batch {summary.batch_id}: {inputs} inputs"
+    if summary.resumed:
+        title += f" (resumed: {summary.resumed} recorded before)"
+    table = Table(title=title, header_style="bold")
     table.add_column("outcome")
     table.add_column("inputs", justify="right")
     for outcome, n in sorted(summary.outcomes.items()):
@@ -109,20 +168,39 @@ def _print_summary(
     rejected = [(path, why) for path, why in summary.rejected if path not in missing]
     for path, reason in rejected[:_REASON_ROWS]:
         console.print(f"rejected {path}: {reason}", soft_wrap=True)
-    if len(rejected) > _REASON_ROWS:
+    more = summary.rejected_count - len(missing) - min(len(rejected), _REASON_ROWS)
+    if more > 0:
         console.print(
-            f"... and {len(rejected) - _REASON_ROWS} more rejected "
+            f"... and {more} more rejected "
             f"(python -m producer failures --batch {summary.batch_id} lists them all)"
         )
-    console.print(f"{summary.sent} videos sent to the describe queue")
+    elapsed = time.monotonic() - counts.started
+    first = f", the first after {counts.first_sent_s:.1f} s" if counts.first_sent_s else ""
+    console.print(
+        f"{counts.probed} files probed in {elapsed:.1f} s "
+        f"({counts.rate(counts.probed):.0f} files/s); "
+        f"{summary.sent} videos sent to the describe queue{first}"
+    )
+    if backlog:
+        console.print(
+            f"{backlog} wait in the backlog (SQL), sent as the broker's window drains "
+            "(QUEUE_WINDOW): by this command while it waits, by every worker's sweep"
+        )
 
 
 def _follow(
-    sessions, batch_id: int, *, settings, stall_s: float = _STALL_S, poll_s: float = 1.0
+    sessions,
+    batch_id: int,
+    *,
+    settings,
+    stall_s: float = _STALL_S,
+    poll_s: float = 1.0,
+    feed=None,
 ) -> None:
-    """Show the batch's progress until every video is finished (exit 1 if some failed).
-    When no video starts or finishes for `stall_s`, one line on stderr says so and why it
-    may be (no worker consuming the queue); it keeps waiting, Ctrl-C stops it."""
+    """Show the batch's progress until every video is finished (exit 1 if some failed),
+    keeping the broker's window full meanwhile (`feed`, every FEED_EVERY_S). When no video
+    starts or finishes for `stall_s`, one line on stderr says so and why it may be (no
+    worker consuming the queue); it keeps waiting, Ctrl-C stops it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from db import store
@@ -140,9 +218,13 @@ def _follow(
     )
     seen, changed = None, time.monotonic()
     notice_at = changed + stall_s
+    fed_at, said_at = 0.0, -1e9
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("describing", total=total, rate="")
         while True:
+            if feed is not None and time.monotonic() - fed_at >= _FEED_EVERY_S:
+                fed_at = time.monotonic()
+                said_at = _feed_quietly(feed, said_at)
             with session_scope(sessions) as session:
                 p = progress(session=session, batch_id=batch_id)
             rate = f"{p.per_minute:.1f}/min ETA {format_eta(p.eta_s)}" if p.per_minute else ""
@@ -166,6 +248,21 @@ def _follow(
         console.print(f"failed {path}: {reason}", soft_wrap=True)
     if failed:
         sys.exit(1)
+
+
+def _feed_quietly(feed, said_at: float) -> float:
+    """Top the window up; a broker that refuses now is tried again at the next poll (the
+    videos wait in the backlog meanwhile), said once a minute at most. Returns when it
+    was last said."""
+    from delivery.errors import BrokerUnavailable
+
+    try:
+        feed()
+    except BrokerUnavailable as e:
+        if time.monotonic() - said_at > 60:
+            click.echo(f"note: {e}", err=True)
+            return time.monotonic()
+    return said_at
 
 
 def _stalled(settings, batch_id: int, p, quiet_s: float) -> str:
@@ -206,26 +303,40 @@ def _stalled(settings, batch_id: int, p, quiet_s: float) -> str:
 
 def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: bool):
     """List the videos `pick(session)` chooses and, unless a dry run, put them back to
-    `queued` in a new batch and send them. `pick` returns (videos, header, one line each).
-    Returns (batch id, videos sent), or None when nothing was sent."""
+    `queued` in a new batch (the backlog) and top the broker's window up. `pick` returns
+    (videos, header, a line each for the first of them, how many in all). Returns (batch
+    id, videos sent), or None when nothing was put back."""
     from db.session import session_scope
     from delivery import outbox
     from producer.requeue import requeue_videos
 
     with session_scope(sessions) as session:
-        videos, header, lines = pick(session)
+        videos, header, lines, count = pick(session)
         console.print(header)
         for line in lines[:_REASON_ROWS]:  # plain lines: easy to grep and to paste
             console.print(line, soft_wrap=True)
-        if len(lines) > _REASON_ROWS:
-            console.print(f"... and {len(lines) - _REASON_ROWS} more")
+        if count > min(len(lines), _REASON_ROWS):
+            console.print(f"... and {count - min(len(lines), _REASON_ROWS)} more")
         if dry_run or not videos:
             console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
             return None
         batch_id = requeue_videos(
             session=session, videos=videos, note=note, priority=priority, frames=settings.frames
         )
-    return batch_id, outbox.send(videos, sessions=sessions, settings=settings)
+    return batch_id, outbox.feed(sessions=sessions, settings=settings)
+
+
+def _load_videos(session, ids: list[int], *, chunk: int = 10_000) -> list:
+    """The video rows of `ids`, in that order, a statement per `chunk` of them."""
+    from sqlalchemy import select
+
+    from db.models import Video
+
+    rows = {}
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        rows.update((v.id, v) for v in session.scalars(select(Video).where(Video.id.in_(part))))
+    return [rows[i] for i in ids]
 
 
 @cli.command(help="Describe again the videos whose reports match --where (e.g. older prompt).")
@@ -240,7 +351,6 @@ def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: 
 @click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
 @_stall_option
 def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
-    from db.models import Video
     from models.prompt import PROMPT_VERSION
     from producer.requeue import describe_selection, parse_where, select_again
 
@@ -254,11 +364,14 @@ def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
             "adapter": settings.adapter_name,
             "prompt_version": PROMPT_VERSION,
         }
-        chosen = select_again(session=session, where=where, **current)
+        # A dry run lists a page; a real one takes every match, its rows loaded in bulk.
+        limit = _REASON_ROWS if dry_run else None
+        chosen = select_again(session=session, where=where, limit=limit, **current)
         found = chosen.to_send
         lines = [f"match {m.path} (video {m.video_id}, prompt v{m.prompt_version})" for m in found]
-        videos = [session.get(Video, m.video_id) for m in found]
-        return videos, describe_selection(chosen, where_text=where_text, **current), lines
+        videos = [] if dry_run else _load_videos(session, [m.video_id for m in found])
+        header = describe_selection(chosen, where_text=where_text, **current)
+        return videos, header, lines, chosen.again
 
     done = _send_again(
         sessions,
@@ -270,23 +383,26 @@ def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
     )
     if done is None:
         return
+    from delivery import outbox
+
     batch_id, sent = done
     console.print(
         f"batch {batch_id}: {sent} videos sent to the describe queue (prompt v{PROMPT_VERSION})"
     )
+    backlog = _backlog(sessions, batch_id)
+    if backlog:
+        console.print(f"{backlog} wait in the backlog (SQL), sent as the broker's window drains")
     if wait:
-        _follow(sessions, batch_id, settings=settings, stall_s=stall_s)
+        _follow(
+            sessions,
+            batch_id,
+            settings=settings,
+            stall_s=stall_s,
+            feed=lambda: outbox.feed(sessions=sessions, settings=settings),
+        )
 
 
-@cli.command(help="Send again what was lost: unconfirmed messages, a dead worker's videos.")
-@click.option(
-    "--unconfirmed-after",
-    type=click.FloatRange(0),
-    default=0.0,
-    show_default=True,
-    help="Seconds since a queued video was recorded before its unconfirmed message is sent "
-    "again (raise it while a producer is still sending).",
-)
+@cli.command(help="Send again what was lost: a dead worker's videos, a dead producer's backlog.")
 @click.option(
     "--after",
     type=click.IntRange(1),
@@ -294,7 +410,7 @@ def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
     help="Also send videos running longer than this many seconds (a live but hung worker).",
 )
 @click.option("--dry-run", is_flag=True, help="List what would be sent; send nothing.")
-def reap(unconfirmed_after, after, dry_run) -> None:
+def reap(after, dry_run) -> None:
     from delivery.outbox import restore_held, send_again
 
     settings = load_settings()
@@ -305,15 +421,9 @@ def reap(unconfirmed_after, after, dry_run) -> None:
         restored = restore_held(sessions=sessions, settings=settings)
         if restored:
             console.print(f"{restored} messages held by a dead worker put back on their queue")
-    result = send_again(
-        sessions=sessions,
-        settings=settings,
-        unconfirmed_after_s=unconfirmed_after,
-        running_over_s=after,
-        dry_run=dry_run,
-    )
+    result = send_again(sessions=sessions, settings=settings, running_over_s=after, dry_run=dry_run)
     console.print(
-        f"{result.count('unconfirmed')} queued with an unconfirmed message, "
+        f"{result.backlog} queued, not sent (the backlog), "
         f"{result.count('orphaned')} running on a dead worker"
         + (f", {result.count('stale')} running more than {after} s" if after else "")
     )
@@ -330,7 +440,10 @@ def reap(unconfirmed_after, after, dry_run) -> None:
 @click.option("--batch", "batch_id", type=int, default=None, help="Batch id (default: all).")
 def status(batch_id: int | None) -> None:
     from broker.celery_app import queue_depths
+    from db import store
+    from db.models import VideoState
     from db.session import session_scope
+    from delivery.outbox import window_size
     from producer.status import check_batch, format_eta, progress
 
     settings = load_settings()
@@ -346,6 +459,15 @@ def status(batch_id: int | None) -> None:
     console.print(table)
     rate = f"{p.per_minute:.1f} videos/minute" if p.per_minute else "no videos finished lately"
     console.print(f"throughput: {rate}; pending: {p.pending}; ETA: {format_eta(p.eta_s)}")
+    with session_scope(sessions) as session:
+        backlog = store.backlog_count(session=session, batch_id=batch_id)
+        size = window_size(session=session, settings=settings)
+    queued = p.counts[VideoState.QUEUED]
+    console.print(
+        f"queued: {backlog} in the backlog (SQL, not sent), {queued - backlog} sent; "
+        f"the broker's window holds at most {size} describe messages"
+        + ("" if settings.queue_window else " (QUEUE_WINDOW=0: sized from the throughput)")
+    )
     _print_queues(queue_depths(settings))
 
 
@@ -379,10 +501,17 @@ def _n(count: int, one: str, many: str) -> str:
     show_default=True,
     help="csv: the videos only; json: {reasons: [...], videos: [...]}.",
 )
-def failures(batch_id: int | None, reason: str | None, fmt: str) -> None:
+@click.option(
+    "--limit",
+    type=click.IntRange(0),
+    default=_FAILURES_LIMIT,
+    show_default=True,
+    help="List at most this many videos (0: all); the counts are always whole.",
+)
+def failures(batch_id: int | None, reason: str | None, fmt: str, limit: int) -> None:
     import json
 
-    from db.failures import failed_videos, failure_counts
+    from db.failures import failed_videos, failure_counts, failure_states
     from db.query import QueryResult, to_csv, to_records, to_table
     from db.session import session_scope
     from producer.status import check_batch
@@ -392,7 +521,10 @@ def failures(batch_id: int | None, reason: str | None, fmt: str) -> None:
     with session_scope(sessions) as session:
         check_batch(session=session, batch_id=batch_id)
         counts = failure_counts(session=session, batch_id=batch_id, reason=reason)
-        videos = failed_videos(session=session, batch_id=batch_id, reason=reason)
+        states = failure_states(session=session, batch_id=batch_id, reason=reason)
+        videos = failed_videos(
+            session=session, batch_id=batch_id, reason=reason, limit=limit or None
+        )
     by_reason = QueryResult(["reason", "videos"], counts)
     listing = QueryResult(
         ["video_id", "state", "path", "reason", "attempts", "finished_at"],
@@ -413,7 +545,9 @@ def failures(batch_id: int | None, reason: str | None, fmt: str) -> None:
         return
     page.print(to_table(by_reason))
     page.print(to_table(listing))
-    states = {state: sum(v.state == state for v in videos) for state in ("failed", "rejected")}
+    more = sum(states.values()) - len(videos)
+    if more > 0:
+        page.print(f"... and {more} more (--limit 0 lists them all)")
     page.print(
         f"{states['failed']} failed, {states['rejected']} rejected ({scope}{_matching(reason)})"
     )

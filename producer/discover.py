@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from producer.errors import NoInputs
@@ -19,67 +20,103 @@ _GLOB_CHARS = set("*?[")
 
 def read_manifest(manifest: str | os.PathLike) -> list[str]:
     """Paths from a manifest: one per line, '#' comments; relative to the manifest's folder."""
+    return list(iter_manifest(manifest))
+
+
+def iter_manifest(manifest: str | os.PathLike) -> Iterator[str]:
+    """The manifest's paths, read a line at a time (a million-line manifest is never held
+    whole). An unreadable manifest raises NoInputs before the first path."""
     path = Path(manifest)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        f = path.open(encoding="utf-8")
     except OSError as e:
         raise NoInputs(f"cannot read manifest {manifest}: {e.strerror or e}") from None
-    out = []
-    for line in lines:
-        entry = os.path.expanduser(line.strip())
-        if not entry or entry.startswith("#"):
-            continue
-        out.append(entry if os.path.isabs(entry) else str(path.parent / entry))
-    return out
+    return _manifest_lines(f, path.parent)
+
+
+def _manifest_lines(f, folder: Path) -> Iterator[str]:
+    with f:
+        try:
+            for line in f:
+                entry = os.path.expanduser(line.strip())
+                if not entry or entry.startswith("#"):
+                    continue
+                yield entry if os.path.isabs(entry) else str(folder / entry)
+        except (OSError, UnicodeDecodeError) as e:
+            raise NoInputs(f"cannot read manifest {f.name}: {e}") from None
 
 
 def discover(inputs: list[str], *, manifest: str | None = None) -> list[str]:
-    """Absolute paths of every input, in order, each once.
+    """Absolute paths of every input, in order, each once (a list: for small inputs; the
+    producer streams them with `iter_inputs`).
 
     Directories are walked recursively (video suffixes only); globs are expanded
     (``**`` recurses); anything else is taken as a file path even if it does not exist,
     so that a typo is reported as a rejected input rather than silently dropped.
     """
-    entries = list(inputs) + (read_manifest(manifest) if manifest else [])
     seen: set[str] = set()
-    out: list[str] = []
-
-    def add(p: str) -> None:
-        absolute = os.path.abspath(p)
-        if absolute not in seen:
-            seen.add(absolute)
-            out.append(absolute)
-
-    for entry in entries:
-        expanded = os.path.expanduser(entry)
-        if os.path.isdir(expanded):
-            for found in _walk(expanded):
-                add(found)
-        elif _GLOB_CHARS & set(entry) and not os.path.exists(expanded):
-            matches = sorted(glob.glob(expanded, recursive=True))
-            for match in matches:
-                if os.path.isdir(match):
-                    for found in _walk(match):
-                        add(found)
-                else:
-                    add(match)
-        else:
-            add(expanded)
+    out = [p for p in iter_inputs(inputs, manifest=manifest) if not (p in seen or seen.add(p))]
     if not out:
         raise NoInputs("no video files found in the given paths")
     return out
 
 
-def _walk(directory: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(directory):
-        dirs.sort()
-        for name in sorted(files):
-            if Path(name).suffix.lower() in VIDEO_SUFFIXES:
-                found.append(os.path.join(root, name))
-    return found
+def iter_inputs(inputs: list[str], *, manifest: str | None = None) -> Iterator[str]:
+    """The absolute path of every input, in a stable order, one at a time: folders are
+    walked as they are read, a manifest a line at a time. A path named twice may come
+    twice (the producer's store knows which it already recorded)."""
+    entries = _entries(inputs, manifest)
+    for entry in entries:
+        expanded = os.path.expanduser(entry)
+        if os.path.isdir(expanded):
+            yield from _walk(expanded)
+        elif _GLOB_CHARS & set(entry) and not os.path.exists(expanded):
+            for match in sorted(glob.iglob(expanded, recursive=True)):
+                if os.path.isdir(match):
+                    yield from _walk(match)
+                else:
+                    yield os.path.abspath(match)
+        else:
+            yield os.path.abspath(expanded)
 
 
-def missing_paths(paths: list[str]) -> list[str]:
-    """The paths that do not exist (a typo, an unmounted drive, a dangling link), in order."""
-    return [path for path in paths if not os.path.exists(path)]
+def any_input_exists(inputs: list[str], *, manifest: str | None = None) -> bool:
+    """Whether at least one input names something that exists (a file, a folder, a glob
+    with a match); stops at the first that does, so it is cheap on a large manifest."""
+    for entry in _entries(inputs, manifest):
+        expanded = os.path.expanduser(entry)
+        if os.path.exists(expanded):
+            return True
+        if _GLOB_CHARS & set(entry) and next(glob.iglob(expanded, recursive=True), None):
+            return True
+    return False
+
+
+def _entries(inputs: list[str], manifest: str | None) -> Iterator[str]:
+    yield from inputs
+    if manifest:
+        yield from iter_manifest(manifest)
+
+
+def _walk(directory: str) -> Iterator[str]:
+    """Video files under `directory`, depth first, names sorted, read one folder at a time."""
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return  # unreadable folder: nothing found in it
+    folders = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+            linked = is_dir and entry.is_symlink()
+        except OSError:
+            continue
+        if linked:
+            continue  # as os.walk: a link to a folder is not followed (no loops)
+        if is_dir:
+            folders.append(entry.path)
+        elif Path(entry.name).suffix.lower() in VIDEO_SUFFIXES:
+            yield os.path.abspath(entry.path)
+    for folder in folders:
+        yield from _walk(folder)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import exists, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 # The condition language moved to db/ so that `training export` reads it too; its names
@@ -33,46 +33,78 @@ class Match:
 class Selection:
     """What --where picks: the videos to describe again, and why the other matches are not."""
 
-    to_send: list[Match]
+    to_send: list[Match]  # by video id; only the first `limit` when select_again got one
     reports: int  # reports matching the condition
     videos: int  # the videos they describe
     current: int  # of those, videos with a report from the current prompt already
     not_done: dict[str, int]  # of the rest, videos by state when not done (queued, ...)
+    again: int  # of the rest, the done videos: those to describe again (all of to_send's)
 
 
 def select_again(
-    *, session: Session, where, model: str, adapter: str, prompt_version: int
+    *,
+    session: Session,
+    where,
+    model: str,
+    adapter: str,
+    prompt_version: int,
+    limit: int | None = None,
 ) -> Selection:
     """The videos with a report matching `where`, split into those to describe again (done,
-    no report yet from the current prompt, model and adapter) and those that are not."""
-    current = aliased(Report)
-    has_current = exists().where(
-        current.video_id == Video.id,
-        current.model == model,
-        current.adapter == adapter,
-        current.prompt_version == prompt_version,
+    no report yet from the current prompt, model and adapter) and those that are not.
+
+    Counted in SQL, so a condition that matches most of a million-video store costs three
+    queries, not a row per matching report in Python. `limit`: only the first videos to
+    describe again are listed (a dry run shows a page of them; the counts stay whole)."""
+    current_report = aliased(Report)
+    # Only columns of uq_report_key: the join reads that index, never the reports' rows.
+    current = (
+        select(current_report.video_id)
+        .where(
+            current_report.model == model,
+            current_report.adapter == adapter,
+            current_report.prompt_version == prompt_version,
+        )
+        .subquery("current")
     )
-    rows = session.execute(
-        select(Video.id, Video.path, Video.state, Report.prompt_version, has_current)
-        .join(Report, Report.video_id == Video.id)
-        .where(where)
-        .order_by(Video.id, Report.prompt_version.desc())
+    matched = Video.id.in_(select(Report.video_id).where(where))
+
+    def videos(*columns):
+        return (
+            select(*columns)
+            .select_from(Video)
+            .outerjoin(current, current.c.video_id == Video.id)
+            .where(matched)
+        )
+
+    n_reports = session.scalar(select(func.count()).select_from(Report).where(where)) or 0
+    groups = session.execute(
+        videos(Video.state, func.count(), func.count(current.c.video_id)).group_by(Video.state)
     ).all()
-    to_send: dict[int, Match] = {}
-    seen: set[int] = set()
-    n_current = 0
+    n_videos = n_current = again = 0
     not_done: Counter[str] = Counter()
-    for video_id, path, state, version, done_now in rows:
-        if video_id in seen:
-            continue
-        seen.add(video_id)
-        if done_now:
-            n_current += 1
-        elif VideoState(state) != VideoState.DONE:
-            not_done[VideoState(state).value] += 1
-        else:
-            to_send[video_id] = Match(video_id, path, version)
-    return Selection(list(to_send.values()), len(rows), len(seen), n_current, dict(not_done))
+    for state, n, with_current in groups:
+        n_videos += n
+        n_current += with_current
+        if VideoState(state) == VideoState.DONE:
+            again += n - with_current
+        elif n > with_current:
+            not_done[VideoState(state).value] += n - with_current
+    to_send: list[Match] = []
+    if again and limit != 0:
+        newest = (  # the newest prompt among the video's matching reports
+            select(func.max(Report.prompt_version))
+            .where(Report.video_id == Video.id, where)
+            .scalar_subquery()
+        )
+        query = (
+            videos(Video.id, Video.path, newest)
+            .where(Video.state == VideoState.DONE, current.c.video_id.is_(None))
+            .order_by(Video.id)
+            .limit(limit)
+        )
+        to_send = [Match(vid, path, version) for vid, path, version in session.execute(query)]
+    return Selection(to_send, n_reports, n_videos, n_current, dict(not_done), again)
 
 
 def matching(
@@ -95,7 +127,7 @@ def describe_selection(
 
     head = (
         f"{plural(s.videos, 'video matches', 'videos match')}: {where_text} "
-        f"({plural(s.reports, 'report', 'reports')}); {len(s.to_send)} to describe again"
+        f"({plural(s.reports, 'report', 'reports')}); {s.again} to describe again"
     )
     why = []
     if s.current:
@@ -108,7 +140,7 @@ def describe_selection(
         why.append(f"{n} {'is' if n == 1 else 'are'} {state}")
     if not why:
         return head
-    return head + (": " if not s.to_send else "; skipped: ") + ", ".join(why)
+    return head + (": " if not s.again else "; skipped: ") + ", ".join(why)
 
 
 def requeue_videos(
@@ -129,11 +161,11 @@ def requeue_videos(
             frames=video.frames or frames,
             priority=priority,
         )
-        store.add_submission(
-            session=session,
-            batch_id=batch.id,
-            path=video.path,
-            video_id=video.id,
-            outcome=Outcome.REQUEUED,
-        )
+    store.add_submissions(
+        session=session,
+        rows=[
+            {"batch_id": batch.id, "path": v.path, "video_id": v.id, "outcome": Outcome.REQUEUED}
+            for v in videos
+        ],
+    )
     return batch.id

@@ -29,37 +29,6 @@ def upgrade_url(url: str) -> None:
         engine.dispose()
 
 
-def distinct_clips(folder, count: int, *, variants: int = 16, per_folder: int = 100, **clip):
-    """`count` small MP4 clips under `folder` (`per_folder` a subfolder, named vNNNN.mp4),
-    every one a real decodable video with bytes of its own, written far faster than
-    `count` encodes: `variants` clips are encoded by `producer.clips.make_video` (seeds 0..:
-    different cars and motion, `clip` its keywords), and file i is variant i % `variants`
-    with an ISO BMFF 'free' box carrying i appended after its boxes. Readers skip 'free'
-    boxes, so the file probes and decodes as its variant does, but its sha256 is its own:
-    the producer, which dedupes by content, records `count` distinct videos."""
-    import struct
-    import tempfile
-    from pathlib import Path
-
-    from producer.clips import make_video
-
-    folder = Path(folder)
-    with tempfile.TemporaryDirectory() as scratch:  # outside `folder`: not enqueued
-        templates = [
-            make_video(Path(scratch) / f"variant{k:02d}.mp4", seed=k, **clip).read_bytes()
-            for k in range(min(variants, count))
-        ]
-    paths = []
-    for i in range(count):
-        payload = f"fleetscribe test clip {i}".encode()
-        box = struct.pack(">I4s", 8 + len(payload), b"free") + payload
-        path = folder / f"{i // per_folder:02d}" / f"v{i:04d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(templates[i % len(templates)] + box)
-        paths.append(path)
-    return paths
-
-
 def torch_threads(count: int):
     """A context manager: torch's intra-op threads at `count` inside, as before after.
 
@@ -100,3 +69,19 @@ def system_tool(name: str, package: str) -> str:
             pytest.fail(message)
         pytest.skip(message + "; on CI (CI set) this fails instead")
     return path
+
+
+def start_enqueue(env: dict, *inputs):
+    """`python -m producer enqueue INPUTS...` started in the background (output dropped),
+    for tests that kill it midway."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "producer", "enqueue", *map(str, inputs)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

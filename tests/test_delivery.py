@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import upgrade_url
+from helpers import start_enqueue, upgrade_url
 from sqlalchemy import func, select
 from test_pipeline import _env, _one_report_each, _run, _states, _wait_for, running_worker
 
@@ -77,13 +77,7 @@ def test_a_producer_killed_while_the_broker_hangs_strands_nothing(
     env = _env(tmp_path / "home", f"redis://127.0.0.1:{hung.port}/0", pg_url, tiny_model)
     env.update(FLEETSCRIBE_CONSTRAINED="false", FLEETSCRIBE_MAX_NEW_TOKENS="4")
     assert _run(["db", "upgrade"], env).returncode == 0
-    producer = subprocess.Popen(
-        [sys.executable, "-m", "producer", "enqueue", str(folder)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    producer = start_enqueue(env, folder)
     try:
         deadline = time.monotonic() + 120
         while len(_videos(pg_url)) < 3 or not hung.accepted:
@@ -101,12 +95,15 @@ def test_a_producer_killed_while_the_broker_hangs_strands_nothing(
 
     env["FLEETSCRIBE_BROKER_URL"] = redis_url  # the broker is back
     listed = _run(["producer", "reap", "--dry-run"], env)
-    assert "3 queued with an unconfirmed message" in listed.stdout, listed.stdout + listed.stderr
+    assert "3 queued, not sent (the backlog)" in listed.stdout, listed.stdout + listed.stderr
     log = tmp_path / "worker.log"
     with running_worker(env, log):
         again = _run(["producer", "enqueue", str(folder), "--wait"], env)
         assert again.returncode == 0, again.stdout + again.stderr + log.read_text()[-3000:]
-    assert "resent" in again.stdout and "3 videos sent" in again.stdout
+    # The stranded rows are backlog: this producer's feeder sends them (outcome `resent`,
+    # or `already_queued` when its first feed ran before it recorded the folder again).
+    assert "3 videos sent" in again.stdout, again.stdout + log.read_text()[-4000:]
+    assert re.search(r"(resent|already_queued) +│ +3", again.stdout), again.stdout
     assert all(v.state == VideoState.DONE and v.published_at for v in _videos(pg_url))
     _one_report_each(pg_url, 3)
 
@@ -160,7 +157,7 @@ def test_a_killed_workers_videos_come_back_within_two_minutes(
     # Redis's unacked set, or new ones), not Redis's visibility timeout
     swept = (tmp_path / "worker2.log").read_text()
     assert re.search(
-        r"restoring [1-9]\d* messages held by a dead worker|sending again \d+ unconfirmed, [1-9]",
+        r"restoring [1-9]\d* messages held by a dead worker|sending again [1-9]\d* orphaned",
         swept,
     ), swept[-3000:]
 

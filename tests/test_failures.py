@@ -121,6 +121,22 @@ def test_failures_table_shows_counts_then_rows(failures_store, tmp_path):
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_failures_lists_a_page_and_counts_the_rest(failures_store, tmp_path):
+    """--limit keeps the listing short on a store with tens of thousands of failures;
+    the counts, and the totals line, stay whole."""
+    env, engine = failures_store
+    _counts, rows = _reference(engine)
+    out = run_cli(["producer", "failures", "--limit", "2"], tmp_path, env)
+    assert out.returncode == 0, out.stderr
+    listed = [path for _, _, path, _, _ in rows if path in out.stdout]
+    assert listed == [path for _, _, path, _, _ in rows[:2]]
+    assert f"... and {len(rows) - 2} more (--limit 0 lists them all)" in out.stdout
+    assert out.stdout.splitlines()[-1] == "1 failed, 5 rejected (all batches)"
+    every = run_cli(["producer", "failures", "--limit", "0", "--format", "json"], tmp_path, env)
+    assert len(json.loads(every.stdout)["videos"]) == len(rows)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_failures_filter_by_reason_and_batch(failures_store, tmp_path):
     env, engine = failures_store
 

@@ -338,7 +338,7 @@ def test_two_thousand_videos_through_three_workers_spread_over_all_none_lost_non
 ):
     import socket
 
-    from helpers import distinct_clips
+    from producer.clips import distinct_clips
 
     env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
     env.update(

@@ -257,7 +257,7 @@ def test_a_video_left_running_by_a_dead_worker_is_reaped_and_described_once(runt
 
     dry = _cli(["producer", "reap", "--dry-run"], env, tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert "0 queued with an unconfirmed message, 1 running on a dead worker" in dry.stdout
+    assert "0 queued, not sent (the backlog), 1 running on a dead worker" in dry.stdout
     assert f"orphaned {stale_path} (video {stale}, worker gone-host:4242)" in dry.stdout
     assert str(busy_path) not in dry.stdout
     assert "0 videos sent (dry run)" in dry.stdout
