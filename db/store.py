@@ -388,11 +388,27 @@ def state_counts(
     counts = {state: 0 for state in VideoState}
     for state, n in rows:
         counts[VideoState(state)] = n
-    first_started, last_finished = session.execute(
-        select(func.min(Video.started_at), func.max(Video.finished_at)).where(
-            scope, Video.state.in_([VideoState.DONE, VideoState.FAILED])
-        )
-    ).one()
+    finished = (VideoState.DONE, VideoState.FAILED)
+    if batch_id is None:
+        # One state at a time: min/max under `state = ?` is one step of
+        # ix_videos_state_started / ix_videos_state_finished; under `state IN (...)` it
+        # reads every finished video of the store.
+        starts = [
+            session.scalar(select(func.min(Video.started_at)).where(Video.state == state))
+            for state in finished
+        ]
+        ends = [
+            session.scalar(select(func.max(Video.finished_at)).where(Video.state == state))
+            for state in finished
+        ]
+        first_started = min((t for t in starts if t is not None), default=None)
+        last_finished = max((t for t in ends if t is not None), default=None)
+    else:  # the batch's videos, read once through its submissions
+        first_started, last_finished = session.execute(
+            select(func.min(Video.started_at), func.max(Video.finished_at)).where(
+                scope, Video.state.in_(finished)
+            )
+        ).one()
     recent = session.scalar(
         select(func.count()).where(
             scope,

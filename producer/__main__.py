@@ -504,9 +504,9 @@ def _n(count: int, one: str, many: str) -> str:
 @click.option(
     "--limit",
     type=click.IntRange(0),
-    default=_FAILURES_LIMIT,
-    show_default=True,
-    help="List at most this many videos (0: all); the counts are always whole.",
+    default=None,
+    help=f"List at most this many videos (0: all; default {_FAILURES_LIMIT} in the table, "
+    "all in csv and json); the counts are always whole.",
 )
 def failures(batch_id: int | None, reason: str | None, fmt: str, limit: int) -> None:
     import json
@@ -522,6 +522,8 @@ def failures(batch_id: int | None, reason: str | None, fmt: str, limit: int) -> 
         check_batch(session=session, batch_id=batch_id)
         counts = failure_counts(session=session, batch_id=batch_id, reason=reason)
         states = failure_states(session=session, batch_id=batch_id, reason=reason)
+        if limit is None:
+            limit = _FAILURES_LIMIT if fmt == "table" else 0
         videos = failed_videos(
             session=session, batch_id=batch_id, reason=reason, limit=limit or None
         )
