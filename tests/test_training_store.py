@@ -603,7 +603,7 @@ def test_migration_0004_down_and_up_keeps_existing_rows(db_url):
                 ),
                 {"at": LONG_AGO.replace(tzinfo=None)},
             )
-        assert upgrade(engine) == ("0003", "0004")
+        assert upgrade(engine, "0004") == ("0003", "0004")
         with engine.begin() as conn:
             row = conn.execute(
                 text(
@@ -641,7 +641,7 @@ def test_migration_0004_down_and_up_keeps_existing_rows(db_url):
         with pytest.raises(IntegrityError), engine.begin() as conn:
             _insert_run(conn, "again", "cancelled")  # 0003's CHECK is back
 
-        assert upgrade(engine) == ("0003", "0004")
+        assert upgrade(engine, "0004") == ("0003", "0004")
         with engine.begin() as conn:
             _insert_run(conn, "again", "cancelled")
             assert conn.execute(text("SELECT count(*) FROM training_steps")).scalar_one() == 0
