@@ -255,15 +255,6 @@ def finished_since(*, session: Session, since: datetime) -> int:
     )
 
 
-def unpublished(*, session: Session, older_than: datetime | None = None) -> list[Video]:
-    """Queued videos whose message was never confirmed (the producer died while sending,
-    the broker hung), recorded before `older_than` (None: all of them)."""
-    query = select(Video).where(Video.state == VideoState.QUEUED, Video.published_at.is_(None))
-    if older_than is not None:
-        query = query.where(Video.updated_at < older_than)
-    return list(session.scalars(query.order_by(Video.id).with_for_update(skip_locked=True)))
-
-
 def beat(*, session: Session, worker: str) -> None:
     """Renew `worker`'s heartbeat (its row made on the first beat)."""
     row = session.get(Worker, worker)

@@ -126,40 +126,22 @@ def inspect_file(path: str, settings: Settings) -> Inspected:
     return result
 
 
-def probe_pool(settings: Settings, inputs: int | None = None) -> KillablePool:
+def probe_pool(settings: Settings) -> KillablePool:
     """The killable processes that inspect files: one per core (PROBE_PROCESSES)."""
-    processes = settings.probe_processes or os.cpu_count() or 1
     return KillablePool(
-        processes=max(1, min(processes, inputs or processes)),
+        processes=settings.probe_processes or os.cpu_count() or 1,
         timeout_s=settings.probe_timeout_s,
         memory_gib=settings.decode_memory_gib,
         what="probing",
     )
 
 
-def inspect_all(
-    paths: list[str], settings: Settings, *, on_done: Callable[[Inspected], None] | None = None
-) -> list[Inspected]:
-    """Inspect files in killable processes (a file whose open or read blocks, or whose
-    probe crashes, is rejected alone, after `probe_timeout_s`); input order kept."""
-    if not paths:
-        return []
-    pool = probe_pool(settings, len(paths))
-    try:
-        results = []
-        for result in inspect_stream(iter(paths), pool, settings):
-            if on_done:
-                on_done(result)
-            results.append(result)
-    finally:
-        pool.close()
-    return results
-
-
 def inspect_stream(
     paths: Iterator[str], pool: KillablePool, settings: Settings, *, ahead: int = 4 * CHUNK
 ) -> Iterator[Inspected]:
-    """Inspect paths as they come, every pool process busy, at most `ahead` in flight;
+    """Inspect paths as they come in killable processes (a file whose open or read blocks,
+    or whose probe crashes, is rejected alone, after `probe_timeout_s`), every pool process
+    busy, at most `ahead` in flight;
     results in input order, each as soon as it and those before it are done. Paths are
     pulled on a thread of their own, so a slow listing (a network mount) never holds up
     the results already done, nor the results a slow listing."""
