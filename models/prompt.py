@@ -7,7 +7,10 @@ from enum import StrEnum
 from models import grammar as g
 from models import schema as s
 
-PROMPT_VERSION = 2  # 2: the three parts spelled out, bounds of the decoding grammar
+# 2: the three parts spelled out, bounds of the decoding grammar
+# 3: frames need not be evenly spaced (event-aware sampling): the model is told to read
+#    each frame's time from its label
+PROMPT_VERSION = 3
 
 SYSTEM = (
     "You review dash-camera footage for a vehicle fleet's safety team. You describe only "
@@ -22,7 +25,8 @@ def _choices(enum: type[StrEnum]) -> str:
 def instruction(frames: int) -> str:
     """The request that follows the frames; keys and choices come from the report schema."""
     return (
-        f"These {frames} frames (0 to {frames - 1}) come from one video, oldest first. "
+        f"These {frames} frames (0 to {frames - 1}) come from one video, oldest first; "
+        "each is labelled with its time in the video, and they need not be evenly spaced. "
         "Write one compact JSON object with these keys, in this order, and nothing else.\n"
         f'"schema_version": {s.SCHEMA_VERSION}\n'
         '"scene_description": part 1, the scene: road users and obstacles and what each '

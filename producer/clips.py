@@ -36,6 +36,29 @@ _LIVE_FORMATS = ("matroska", "webm")
 
 
 @dataclass(frozen=True)
+class Event:
+    """A short event drawn into a clip: an object (a pedestrian, a cyclist) that crosses the
+    road in front of the camera from `start` for `duration` seconds, then is gone.
+
+    `depth` places it (0 at the horizon, 1 at the bottom of the picture); `size` scales it
+    (1.0: about a third of the picture high at depth 0.8, a person a few metres ahead)."""
+
+    start: float
+    duration: float
+    depth: float = 0.8
+    size: float = 1.0
+    rgb: tuple[int, int, int] = (235, 110, 25)
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+    def covers(self, t: float) -> bool:
+        """Whether a frame at time t shows the object."""
+        return self.start <= t < self.end
+
+
+@dataclass(frozen=True)
 class _Car:
     lane: float  # -1 left lane, 0 middle, 1 right, as a share of a lane's width
     depth: float  # 0 at the horizon, 1 at the bottom of the picture
@@ -90,14 +113,16 @@ def _marker_side(w: int, h: int) -> int:
 
 def _cars(rng: np.random.Generator, count: int) -> list[_Car]:
     palette = [(30, 90, 220), (240, 200, 20), (240, 240, 240), (20, 160, 60), (150, 60, 200)]
+    # one car a lane: two in one lane would pass through each other, a sudden change
+    lanes = rng.permutation([-1.0, 0.0, 1.0])[: min(count, 3)]
     return [
         _Car(
-            lane=float(rng.choice([-1.0, 0.0, 1.0])),
+            lane=float(lane),
             depth=float(rng.uniform(0.15, 0.8)),
             speed=float(rng.uniform(-0.25, 0.25)),
             rgb=palette[int(rng.integers(len(palette)))],
         )
-        for _ in range(count)
+        for lane in lanes
     ]
 
 
@@ -120,7 +145,9 @@ def _background(w: int, h: int, night: bool) -> tuple[np.ndarray, int, np.ndarra
     return img, y0, left, right
 
 
-def _draw(base, y0, left, right, cars: list[_Car], t: float, seconds: float, night: bool):
+def _draw(
+    base, y0, left, right, cars: list[_Car], t: float, seconds: float, night: bool, events=()
+):
     img = base.copy()
     h, w = img.shape[:2]
     rows = np.arange(y0 + 1, h)
@@ -146,6 +173,9 @@ def _draw(base, y0, left, right, cars: list[_Car], t: float, seconds: float, nig
         if night:  # tail lights
             img[max(y0, y - 2) : y, max(0, x1) : max(0, x1 + 2)] = (255, 60, 40)
             img[max(y0, y - 2) : y, max(0, x1 + cw - 2) : max(0, x1 + cw)] = (255, 60, 40)
+    for event in events:
+        if event.covers(t):
+            _draw_crossing(img, y0, left, right, event, (t - event.start) / event.duration)
     bar = max(2, round(h * BAR_FRACTION))
     img[h - bar :] = 0
     img[h - bar :, : round(w * t / seconds)] = 255
@@ -154,8 +184,39 @@ def _draw(base, y0, left, right, cars: list[_Car], t: float, seconds: float, nig
     return img.astype(np.uint8)
 
 
+def _draw_crossing(img, y0, left, right, event: Event, progress: float) -> None:
+    """The event's object, `progress` (0..1) of the way across the road, left to right: a
+    walking figure with a striped body and legs that swing, so it has the texture and the
+    changing shape of a person or a cyclist rather than a flat block."""
+    h = img.shape[0]
+    y = min(h - 1, int(y0 + event.depth * (h - y0)))
+    road = right[y] - left[y]
+    ph = max(6, int((h - y0) * 0.6 * event.depth * event.size))
+    pw = max(3, int(ph * 0.35))
+    x = int(left[y] - pw + progress * (road + pw))
+    top, legs = y - ph, y - ph // 3
+    body = img[max(0, top) : max(0, legs), max(0, x) : max(0, x + pw)]
+    stripe = max(1, ph // 10)
+    rows = (np.arange(body.shape[0]) // stripe) % 2 == 0
+    body[rows] = event.rgb
+    body[~rows] = (40, 40, 60)
+    head = max(1, pw // 2)
+    img[max(0, top) : max(0, top + head), max(0, x) : max(0, x + pw)] = (200, 160, 130)
+    swing = int(pw * 0.6 * np.sin(progress * 12 * np.pi))  # legs: about six strides
+    leg_w = max(1, pw // 4)
+    for foot in (x + pw // 4 + swing, x + 3 * pw // 4 - swing):
+        img[max(0, legs) : y, max(0, foot - leg_w // 2) : max(0, foot + leg_w - leg_w // 2)] = (
+            30,
+            30,
+            40,
+        )
+
+
 def _car_depth(car: _Car, t: float) -> float:
-    return 0.1 + np.mod(car.depth + car.speed * t - 0.1, 0.85)
+    # back and forth between 0.1 and 0.95 (a triangle wave): a car never jumps, so the only
+    # sudden change in a clip is an event drawn on purpose
+    phase = np.mod(car.depth + car.speed * t - 0.1, 1.7)
+    return 0.1 + (phase if phase <= 0.85 else 1.7 - phase)
 
 
 def make_video(
@@ -175,6 +236,7 @@ def make_video(
     night: bool = False,
     encoder_options: dict[str, str] | None = None,
     muxer_options: dict[str, str] | None = None,
+    events: list[Event] | tuple[Event, ...] = (),
 ) -> Path:
     """Write one synthetic driving clip and return its path.
 
@@ -184,7 +246,7 @@ def make_video(
     `no_duration` writes a live matroska/webm file whose headers give no duration.
     `container` is an ffmpeg format name (guessed from the suffix when None);
     `encoder_options` are laid over this module's defaults for `codec`; `muxer_options` go
-    to the container (e.g. {"movflags": "+faststart"}).
+    to the container (e.g. {"movflags": "+faststart"}); `events` are drawn in (`Event`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +285,7 @@ def make_video(
         ticks = [round(t / time_base) for t in times]
         ends = [*ticks[1:], round(max(seconds, times[-1] + 1 / fps) / time_base)]
         for t, pts, end in zip(times, ticks, ends, strict=True):
-            upright = _draw(base, y0, left, right, cars, t, seconds, night)
+            upright = _draw(base, y0, left, right, cars, t, seconds, night, events)
             stored = np.ascontiguousarray(np.rot90(upright, k=-turns)) if turns else upright
             frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
             frame.pts = pts

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 
+from video import events
 from video.errors import VideoError
 from video.files import check_file
 
@@ -47,13 +48,33 @@ class VideoInfo:
     frame_count: int | None = None
 
 
+SAMPLING_MODES = ("uniform", "events")
+
+
 @dataclass
 class SampledVideo:
-    """k (or fewer, for very short files) upright RGB frames and their stream times."""
+    """k (or fewer, for very short files) upright RGB frames and their stream times.
+
+    `sampling` is the mode that chose them ("uniform" or "events"); per frame, `reasons`
+    says why it was taken ("uniform" or "event") and `scores` its change score (None when
+    no change curve was made). `note` says why "events" was asked but "uniform" used."""
 
     info: VideoInfo
     frames: list[np.ndarray] = field(repr=False)
     timestamps: list[float]
+    sampling: str = "uniform"
+    reasons: list[str] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)
+    note: str | None = None
+
+    def choices(self) -> list[dict]:
+        """One dict a frame, as stored: {"t": s, "reason": "uniform"|"event", "score": x}."""
+        reasons = self.reasons or ["uniform"] * len(self.timestamps)
+        scores = self.scores or [None] * len(self.timestamps)
+        return [
+            {"t": t, "reason": r, "score": sc}
+            for t, r, sc in zip(self.timestamps, reasons, scores, strict=True)
+        ]
 
 
 def _open(path: str) -> av.container.InputContainer:
@@ -307,13 +328,16 @@ def _to_rgb(frame: av.VideoFrame, max_side: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
 
-def uniform_targets(start: float, duration: float, k: int) -> list[float]:
-    """The centres of k equal slices of [start, start + duration]."""
-    return [start + (i + 0.5) * duration / k for i in range(k)]
+def sample_frames(
+    path: str | os.PathLike, k: int, *, max_side: int = 640, sampling: str = "uniform"
+) -> SampledVideo:
+    """k frames of the video, upright, long side <= max_side.
 
-
-def sample_frames(path: str | os.PathLike, k: int, *, max_side: int = 640) -> SampledVideo:
-    """k frames uniformly spread over the video by timestamp, upright, long side <= max_side."""
+    `sampling` "uniform": spread evenly by timestamp. "events": a uniform skeleton plus
+    frames at the moments that change most (`video.events`); a file that gives nothing to
+    score change by gets uniform frames, with `note` saying why."""
+    if sampling not in SAMPLING_MODES:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLING_MODES)}, not {sampling!r}")
     path = os.fspath(path)
     size = check_file(path)
     with _open(path) as container:
@@ -326,16 +350,51 @@ def sample_frames(path: str | os.PathLike, k: int, *, max_side: int = 640) -> Sa
         packets = None
         if duration is None:
             duration, packets = _measured(path, stream)
+        choices, note = None, None
         if duration is None:
             # no timestamps at all (a raw elementary stream): pick by frame index instead
+            if sampling == "events":
+                note = "no packet timestamps (a raw stream): uniform frames by index"
             picked = _by_index(container, stream, packets or 0, k)
         else:
-            picked = _seek_and_decode(container, stream, uniform_targets(start, duration, k))
+            if sampling == "events":
+                choices, note = _event_choices(container, stream, start, duration, k)
+            targets = [c.t for c in choices or ()] or events.uniform_targets(start, duration, k)
+            picked = _seek_and_decode(container, stream, targets)
         if not picked:
             raise VideoError("no decodable video frame (truncated or corrupt)")
         frames = [_to_rgb(f, max_side) for _, f in picked]
         info = _info(path, size, container, stream, picked[0][1], duration)
-        return SampledVideo(info, frames, [round(t - start, 3) for t, _ in picked])
+        sampled = SampledVideo(info, frames, [round(t - start, 3) for t, _ in picked], note=note)
+        if choices:
+            sampled.sampling = "events"
+            sampled.reasons, sampled.scores = _reasons(picked, choices)
+        return sampled
+
+
+def _event_choices(container, stream, start, duration, k):
+    """(choices, None), or (None, why not) when the file gives no change curve."""
+    try:
+        curve = events.change_curve(container, stream, start, duration)
+    except events.NoCurve as e:
+        return None, f"{e}: uniform frames"
+    except av.FFmpegError as e:
+        return None, f"packets unreadable ({_short(e)}): uniform frames"
+    return events.choose(start, duration, k, curve), None
+
+
+def _reasons(picked, choices) -> tuple[list[str], list[float | None]]:
+    """Each picked frame's reason and score: those of the choice whose target it is nearest.
+    (Targets closer than a frame apart give one frame; it keeps the event's reason.)"""
+    reasons, scores = [], []
+    for t, _ in picked:
+        near = min(choices, key=lambda c: (abs(c.t - t), c.reason != "event"))
+        reasons.append(near.reason)
+        scores.append(near.score)
+    return reasons, scores
+
+
+uniform_targets = events.uniform_targets
 
 
 def _frame_time(frame: av.VideoFrame, index: int, fps: float | None) -> float:
