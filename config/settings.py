@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_core import PydanticCustomError
@@ -33,6 +33,11 @@ _OTHER_VARIABLES = frozenset(
 # The transports celery_config knows how to configure (broker/celery_app.py).
 BROKER_SCHEMES = ("redis", "rediss", "filesystem", "memory")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
+# How a worker picks a video's frames (video.media.sample_frames): evenly spread, or a
+# uniform skeleton plus the moments that change most (video/events.py).
+Sampling = Literal["uniform", "events"]
+SAMPLING_MODES: tuple[str, ...] = get_args(Sampling)
+DEFAULT_SAMPLING: Sampling = "uniform"
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9.-]*)(\+[A-Za-z0-9_]+)?://")
 
 
@@ -52,6 +57,9 @@ class Settings(BaseSettings):
     quant: Literal["nf4", "fp16", "bf16", "fp32"] = "nf4"
     frames: int = Field(8, ge=1, le=64)
     frame_max_side: int = Field(640, ge=32, le=4096)
+    # How frames are chosen when a video (or its message) names no mode: "uniform" (evenly
+    # spread by time) or "events" (a uniform skeleton plus the moments that change most).
+    sampling: Sampling = DEFAULT_SAMPLING
     max_new_tokens: int = Field(512, ge=1, le=8192)
     # The most videos one generate call holds; the engine goes lower when GPU memory (or
     # gpu_memory_gib) is short. A worker takes 2x this many messages so that one batch is

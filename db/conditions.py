@@ -22,7 +22,9 @@ from db.store import FLAT_FIELDS
 __all__ = ["FIELDS", "BadCondition", "ReportRow", "parse_where", "reports_for_training"]
 
 _NAMES = ("prompt_version", "schema_version", "model", "adapter", "valid", *FLAT_FIELDS)
-FIELDS = {name: getattr(Report, name) for name in (*_NAMES, "tokens_out")}
+FIELDS = {
+    name: getattr(Report, name) for name in (*_NAMES, "tokens_out", "sampling", "event_frames")
+}
 _OPERATORS = {
     "<": lambda c, v: c < v,
     "<=": lambda c, v: c <= v,
@@ -85,6 +87,7 @@ class ReportRow:
     model: str
     adapter: str
     prompt_version: int
+    sampling: str  # how its frames were to be chosen: re-sampled the same way
 
 
 def reports_for_training(*, session: Session, where, valid_only: bool = True) -> list[ReportRow]:
@@ -101,6 +104,7 @@ def reports_for_training(*, session: Session, where, valid_only: bool = True) ->
             Report.model,
             Report.adapter,
             Report.prompt_version,
+            Report.sampling,
         )
         .join(Video, Video.id == Report.video_id)
         .where(where)
@@ -119,8 +123,18 @@ def reports_for_training(*, session: Session, where, valid_only: bool = True) ->
             model=model,
             adapter=adapter,
             prompt_version=version,
+            sampling=sampling,
         )
-        for report_id, video_id, path, report, timestamps, size, model, adapter, version in (
-            session.execute(query)
-        )
+        for (
+            report_id,
+            video_id,
+            path,
+            report,
+            timestamps,
+            size,
+            model,
+            adapter,
+            version,
+            sampling,
+        ) in session.execute(query)
     ]

@@ -118,6 +118,8 @@ class Video(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     frames: Mapped[int | None] = mapped_column(Integer)
+    # How its frames are to be chosen ("uniform" | "events"); NULL: the worker's setting.
+    sampling: Mapped[str | None] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer, default=0)
     batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
     worker: Mapped[str | None] = mapped_column(String(255))
@@ -181,11 +183,13 @@ class Submission(Base):
 
 
 class Report(Base):
-    """One description of one video by one (model, adapter, prompt version)."""
+    """One description of one video by one (model, adapter, prompt version, sampling)."""
 
     __tablename__ = "reports"
     __table_args__ = (
-        UniqueConstraint("video_id", "model", "adapter", "prompt_version", name="uq_report_key"),
+        UniqueConstraint(
+            "video_id", "model", "adapter", "prompt_version", "sampling", name="uq_report_key"
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -208,6 +212,17 @@ class Report(Base):
     pedestrian_on_road: Mapped[bool | None] = mapped_column(Boolean)
 
     frame_timestamps: Mapped[list[Any]] = mapped_column(JSONType)
+    # The sampling mode the video was to be described with ("uniform" | "events"): part of
+    # the key, the mode asked for even when the file made the sampler fall back to uniform
+    # frames (a redelivered message must find its report); `sampling_note` then says why.
+    # Reports from before sampling modes were uniform: the server default says so.
+    sampling: Mapped[str] = mapped_column(String(16), server_default="uniform")
+    sampling_note: Mapped[str | None] = mapped_column(Text)
+    # Each frame as chosen: [{"t": s, "reason": "uniform"|"event", "score": x|null}, ...];
+    # NULL on reports stored before migration 0007 (uniform frames at frame_timestamps).
+    frames: Mapped[list[Any] | None] = mapped_column(JSONType)
+    # How many of `frames` were taken for an event: a filter without JSON functions.
+    event_frames: Mapped[int] = mapped_column(Integer, server_default="0")
     tokens_in: Mapped[int] = mapped_column(Integer)
     tokens_out: Mapped[int] = mapped_column(Integer)
     latency_s: Mapped[float] = mapped_column(Float)
@@ -233,6 +248,9 @@ class Hazard(Base):
     description: Mapped[str] = mapped_column(Text)
     frame: Mapped[int] = mapped_column(Integer)
     timestamp_s: Mapped[float | None] = mapped_column(Float)
+    # Why the frame it points at was taken ("uniform" | "event") and its change score.
+    frame_reason: Mapped[str | None] = mapped_column(String(16))
+    frame_score: Mapped[float | None] = mapped_column(Float)
 
     report: Mapped[Report] = relationship(back_populates="hazards")
 

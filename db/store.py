@@ -157,13 +157,23 @@ def add_submission(
     return sub
 
 
-def requeue_video(*, session: Session, video: Video, batch_id: int, frames: int, priority: int):
-    """Put a video back to `queued` in `batch_id` (failed, requeued by prompt version, or
-    left running by a dead worker); the caller sends its message."""
+def requeue_video(
+    *,
+    session: Session,
+    video: Video,
+    batch_id: int,
+    frames: int,
+    priority: int,
+    sampling: str | None,
+):
+    """Put a video back to `queued` in `batch_id` (failed, requeued by prompt version or
+    sampling, or left running by a dead worker), to be described with `frames` frames
+    chosen by `sampling` (None: the worker's setting); the caller sends its message."""
     resend(session=session, video=video)  # queued, held by no worker, message unsent
     video.reason = None
     video.batch_id = batch_id
     video.frames = frames
+    video.sampling = sampling
     video.priority = priority
     video.finished_at = None
 
@@ -464,14 +474,23 @@ def stale_running(*, session: Session, older_than: datetime) -> list[Video]:
 
 
 def find_report(
-    *, session: Session, video_id: int, model: str, adapter: str, prompt_version: int
+    *,
+    session: Session,
+    video_id: int,
+    model: str,
+    adapter: str,
+    prompt_version: int,
+    sampling: str,
 ) -> Report | None:
+    """The video's report under this key (uq_report_key), if stored. `sampling` is the mode
+    asked for, which is what a report stores as its `sampling`."""
     return session.scalar(
         select(Report).where(
             Report.video_id == video_id,
             Report.model == model,
             Report.adapter == adapter,
             Report.prompt_version == prompt_version,
+            Report.sampling == sampling,
         )
     )
 
@@ -493,14 +512,46 @@ class NewReport:
     tokens_out: int
     latency_s: float
     worker_host: str
+    # The report's hazards; each gets the time, reason and score of the frame it points at
+    # (None past the last frame), as its hazards row stores them.
     hazards: list[dict[str, Any]] = field(default_factory=list)
+    # The sampling mode asked for ("uniform" | "events"), part of the report's key even
+    # when the file made the sampler fall back to uniform frames; `sampling_note` says why.
+    sampling: str = "uniform"
+    sampling_note: str | None = None
+    # Each frame as chosen (SampledVideo.choices()); left empty: uniform frames at
+    # frame_timestamps. `event_frames` counts those taken for an event.
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    event_frames: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.frames:
+            self.frames = [
+                {"t": t, "reason": "uniform", "score": None} for t in self.frame_timestamps
+            ]
+        if len(self.frames) != len(self.frame_timestamps):
+            raise ValueError(
+                f"{len(self.frames)} frames for {len(self.frame_timestamps)} frame timestamps"
+            )
+        self.event_frames = sum(f["reason"] == "event" for f in self.frames)
+        self.hazards = [{**h, **self._frame_of(h["frame"])} for h in self.hazards]
+
+    def _frame_of(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.frames):
+            return {"timestamp_s": None, "frame_reason": None, "frame_score": None}
+        frame = self.frames[index]
+        return {
+            "timestamp_s": self.frame_timestamps[index],
+            "frame_reason": frame["reason"],
+            "frame_score": frame["score"],
+        }
 
 
 def record_report(*, session: Session, new: NewReport) -> tuple[Report, bool]:
     """Store one report (+ hazards) and mark its video done.
 
-    Idempotent: if a report with the same (video, model, adapter, prompt_version) exists
-    (a redelivered task), nothing is written and (existing, False) is returned.
+    Idempotent: if a report with the same (video, model, adapter, prompt_version, sampling)
+    exists (a redelivered task), nothing is written and (existing, False) is returned.
     """
     existing = _same_key(session, new)
     if existing is not None:
@@ -518,6 +569,10 @@ def record_report(*, session: Session, new: NewReport) -> tuple[Report, bool]:
         raw_text=new.raw_text,
         report=new.report,
         frame_timestamps=new.frame_timestamps,
+        sampling=new.sampling,
+        sampling_note=new.sampling_note,
+        frames=new.frames,
+        event_frames=new.event_frames,
         tokens_in=new.tokens_in,
         tokens_out=new.tokens_out,
         latency_s=new.latency_s,
@@ -525,15 +580,15 @@ def record_report(*, session: Session, new: NewReport) -> tuple[Report, bool]:
         **{name: params.get(name) for name in FLAT_FIELDS},
     )
     for h in new.hazards:
-        frame = h["frame"]
-        ts = new.frame_timestamps[frame] if 0 <= frame < len(new.frame_timestamps) else None
         report.hazards.append(
             Hazard(
                 video_id=new.video_id,
                 kind=h["kind"],
                 description=h["description"],
-                frame=frame,
-                timestamp_s=ts,
+                frame=h["frame"],
+                timestamp_s=h["timestamp_s"],
+                frame_reason=h["frame_reason"],
+                frame_score=h["frame_score"],
             )
         )
     try:
@@ -557,6 +612,7 @@ def _same_key(session: Session, new: NewReport) -> Report | None:
         model=new.model,
         adapter=new.adapter,
         prompt_version=new.prompt_version,
+        sampling=new.sampling,
     )
 
 

@@ -56,7 +56,12 @@ def send(videos: Sequence[Video], *, sessions: sessionmaker[Session], settings: 
                 for video in chunk:
                     app.send_task(
                         DESCRIBE_TASK,
-                        kwargs={"video_id": video.id, "path": video.path, "frames": video.frames},
+                        kwargs={
+                            "video_id": video.id,
+                            "path": video.path,
+                            "frames": video.frames,
+                            "sampling": video.sampling,
+                        },
                         # What Flower (and the task events) show of it: the video's id,
                         # path and sha256; the message itself carries what the task needs.
                         kwargsrepr=repr(

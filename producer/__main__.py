@@ -1,5 +1,7 @@
-"""python -m producer enqueue PATH... [--manifest F] [--frames K] [--priority N] [--wait]
-python -m producer requeue --where "prompt_version < 2" [--dry-run] [--wait]
+"""python -m producer enqueue PATH... [--manifest F] [--frames K] [--sampling uniform|events]
+    [--priority N] [--wait]
+python -m producer requeue --where "prompt_version < 2" [--sampling uniform|events] [--dry-run]
+    [--wait]
 python -m producer reap [--after SECONDS] [--dry-run]
 python -m producer status [--batch ID]
 python -m producer failures [--batch ID] [--reason TEXT] [--format table|csv|json]"""
@@ -14,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config.cli import run
-from config.settings import load_settings
+from config.settings import SAMPLING_MODES, load_settings
 
 # Plain lines are never folded at the terminal's width: easy to grep and to paste.
 console = Console(highlight=False, soft_wrap=True)
@@ -50,11 +52,18 @@ def cli() -> None:
 @click.argument("paths", nargs=-1)
 @click.option("--manifest", type=click.Path(dir_okay=False), help="File with one path a line.")
 @click.option("--frames", "-k", type=click.IntRange(1, 64), default=None, help="Frames per video.")
+@click.option(
+    "--sampling",
+    type=click.Choice(SAMPLING_MODES),
+    default=None,
+    help="How frames are chosen: uniform, or events (uniform plus the moments that change "
+    "most). Default FLEETSCRIBE_SAMPLING.",
+)
 @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True)
 @click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
 @click.option("--note", default="", help="Free text stored with the batch.")
 @_stall_option
-def enqueue(paths, manifest, frames, priority, wait, note, stall_s) -> None:
+def enqueue(paths, manifest, frames, sampling, priority, wait, note, stall_s) -> None:
     from delivery import outbox
     from producer import enqueue as enq
     from producer.discover import any_input_exists, iter_inputs
@@ -64,6 +73,7 @@ def enqueue(paths, manifest, frames, priority, wait, note, stall_s) -> None:
         raise click.UsageError("give at least one PATH or --manifest")
     settings = load_settings()
     frames = frames or settings.frames
+    sampling = sampling or settings.sampling
     if not any_input_exists(list(paths), manifest=manifest):  # a slip, not a batch
         missing = list(iter_inputs(list(paths), manifest=manifest))
         if len(missing) == 1:
@@ -75,9 +85,12 @@ def enqueue(paths, manifest, frames, priority, wait, note, stall_s) -> None:
         sessions=sessions,
         settings=settings,
         frames=frames,
+        sampling=sampling,
         priority=priority,
         note=note,
-        key=enq.command_key(list(paths), manifest, frames=frames, priority=priority),
+        key=enq.command_key(
+            list(paths), manifest, frames=frames, priority=priority, sampling=sampling
+        ),
         feed=lambda: outbox.feed(sessions=sessions, settings=settings),
     )
     with _EnqueueBar() as bar:
@@ -301,9 +314,12 @@ def _stalled(settings, batch_id: int, p, quiet_s: float) -> str:
     )
 
 
-def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: bool):
+def _send_again(
+    sessions, pick, *, settings, note: str, priority: int, sampling: str | None, dry_run: bool
+):
     """List the videos `pick(session)` chooses and, unless a dry run, put them back to
-    `queued` in a new batch (the backlog) and top the broker's window up. `pick` returns
+    `queued` in a new batch (the backlog), to be described with `sampling` (None: each
+    its own mode, else the setting), and top the broker's window up. `pick` returns
     (videos, header, a line each for the first of them, how many in all). Returns (batch
     id, videos sent), or None when nothing was put back."""
     from db.session import session_scope
@@ -321,7 +337,13 @@ def _send_again(sessions, pick, *, settings, note: str, priority: int, dry_run: 
             console.print("0 videos sent (dry run)" if dry_run else "0 videos sent")
             return None
         batch_id = requeue_videos(
-            session=session, videos=videos, note=note, priority=priority, frames=settings.frames
+            session=session,
+            videos=videos,
+            note=note,
+            priority=priority,
+            frames=settings.frames,
+            sampling=sampling,
+            default_sampling=settings.sampling,
         )
     return batch_id, outbox.feed(sessions=sessions, settings=settings)
 
@@ -346,11 +368,18 @@ def _load_videos(session, ids: list[int], *, chunk: int = 10_000) -> list:
     required=True,
     help='FIELD OP VALUE [and ...] over report fields, e.g. "prompt_version < 2".',
 )
+@click.option(
+    "--sampling",
+    type=click.Choice(SAMPLING_MODES),
+    default=None,
+    help="Describe them with this sampling mode (default: each video's own, else "
+    "FLEETSCRIBE_SAMPLING); a report under another mode stays beside the new one.",
+)
 @click.option("--dry-run", is_flag=True, help="List what matches; send nothing.")
 @click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True)
 @click.option("--wait", is_flag=True, help="Follow the batch until every video is finished.")
 @_stall_option
-def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
+def requeue(where_text, sampling, dry_run, priority, wait, stall_s) -> None:
     from models.prompt import PROMPT_VERSION
     from producer.requeue import describe_selection, parse_where, select_again
 
@@ -363,10 +392,17 @@ def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
             "model": settings.model,
             "adapter": settings.adapter_name,
             "prompt_version": PROMPT_VERSION,
+            "sampling": sampling,
         }
         # A dry run lists a page; a real one takes every match, its rows loaded in bulk.
         limit = _REASON_ROWS if dry_run else None
-        chosen = select_again(session=session, where=where, limit=limit, **current)
+        chosen = select_again(
+            session=session,
+            where=where,
+            limit=limit,
+            default_sampling=settings.sampling,
+            **current,
+        )
         found = chosen.to_send
         lines = [f"match {m.path} (video {m.video_id}, prompt v{m.prompt_version})" for m in found]
         videos = [] if dry_run else _load_videos(session, [m.video_id for m in found])
@@ -379,6 +415,7 @@ def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
         settings=settings,
         note=f"requeue where {where_text}",
         priority=priority,
+        sampling=sampling,
         dry_run=dry_run,
     )
     if done is None:
@@ -386,8 +423,10 @@ def requeue(where_text, dry_run, priority, wait, stall_s) -> None:
     from delivery import outbox
 
     batch_id, sent = done
+    mode = f", {sampling} sampling" if sampling else ""
     console.print(
-        f"batch {batch_id}: {sent} videos sent to the describe queue (prompt v{PROMPT_VERSION})"
+        f"batch {batch_id}: {sent} videos sent to the describe queue "
+        f"(prompt v{PROMPT_VERSION}{mode})"
     )
     backlog = _backlog(sessions, batch_id)
     if backlog:

@@ -182,15 +182,18 @@ def _inspect_in(pool: KillablePool, path: str, settings: Settings) -> Inspected:
         return Inspected(path, reason=str(e))
 
 
-def command_key(inputs: list[str], manifest: str | None, *, frames: int, priority: int) -> str:
-    """The fingerprint of an enqueue command: the same inputs (as absolute paths), frames
-    and priority give the same key, so a second run resumes the first's batch."""
+def command_key(
+    inputs: list[str], manifest: str | None, *, frames: int, priority: int, sampling: str
+) -> str:
+    """The fingerprint of an enqueue command: the same inputs (as absolute paths), frames,
+    priority and sampling give the same key, so a second run resumes the first's batch."""
     absolute = [os.path.abspath(os.path.expanduser(p)) for p in inputs]
     document = {
         "inputs": absolute,
         "manifest": os.path.abspath(manifest) if manifest else None,
         "frames": frames,
         "priority": priority,
+        "sampling": sampling,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
@@ -199,7 +202,8 @@ class Enqueue:
     """One `producer enqueue`: discover -> probe (every core) -> record a chunk per
     transaction -> top up the broker's window. `feed` sends what the window has room for
     (delivery.outbox.feed) and returns how many it sent; `on_progress` sees the counts
-    after every input."""
+    after every input. `sampling` is stored on each new video (None: each worker's
+    setting decides)."""
 
     def __init__(
         self,
@@ -210,12 +214,14 @@ class Enqueue:
         priority: int,
         note: str,
         key: str | None,
+        sampling: str | None = None,
         feed: Callable[[], int] | None = None,
         on_progress: Callable[[Counts], None] | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.frames = frames
+        self.sampling = sampling
         self.priority = priority
         self.note = note
         self.key = key
@@ -309,6 +315,7 @@ class Enqueue:
             batch_id=self.summary.batch_id,
             frames=self.frames,
             priority=self.priority,
+            sampling=self.sampling,
         )
         for item, (outcome, reason) in zip(chunk, outcomes, strict=True):
             self._in_flight.discard(item.path)
@@ -391,13 +398,15 @@ def record_chunk(
     batch_id: int,
     frames: int,
     priority: int,
+    sampling: str | None = None,
 ) -> list[tuple[str, str]]:
     """Record one chunk of inspected inputs in one transaction: a video row per new
     content (queued: the backlog, its message sent by the feeder) and a submission per
     input, in a few statements for the whole chunk. Returns each input's (outcome,
     reason). If another producer stored some of the same content meanwhile (a unique
-    key refused the chunk), the chunk is recorded again an input at a time."""
-    place = _Placement(batch_id=batch_id, frames=frames, priority=priority)
+    key refused the chunk), the chunk is recorded again an input at a time. New and
+    requeued videos get `frames`, `priority` and `sampling` (None: the worker's)."""
+    place = _Placement(batch_id=batch_id, frames=frames, priority=priority, sampling=sampling)
     try:
         with session_scope(sessions) as session:
             out = place.chunk(session, items)
@@ -411,9 +420,7 @@ def record_chunk(
             for attempt in (1, 2):  # the second finds the other producer's row
                 try:
                     with session.begin_nested():
-                        out += _Placement(
-                            batch_id=batch_id, frames=frames, priority=priority
-                        ).chunk(session, [item])
+                        out += place.chunk(session, [item])
                     break
                 except IntegrityError:
                     if attempt == 2:
@@ -429,6 +436,7 @@ def record(
     frames: int,
     priority: int,
     note: str,
+    sampling: str | None = None,
 ) -> tuple[EnqueueSummary, list[Video]]:
     """Record a list of inspected inputs as one new, complete batch. Returns the summary
     and the videos that need a message (new or requeued)."""
@@ -439,7 +447,12 @@ def record(
         store.complete_batch(session=session, batch_id=batch.id)
     summary = EnqueueSummary(batch.id)
     outcomes = record_chunk(
-        items, sessions=sessions, batch_id=batch.id, frames=frames, priority=priority
+        items,
+        sessions=sessions,
+        batch_id=batch.id,
+        frames=frames,
+        priority=priority,
+        sampling=sampling,
     )
     for item, (outcome, reason) in zip(items, outcomes, strict=True):
         summary.outcomes[outcome] += 1
@@ -451,7 +464,9 @@ def record(
     return summary, to_send
 
 
-def _video_fields(item: Inspected, *, batch_id: int, frames: int, priority: int) -> dict:
+def _video_fields(
+    item: Inspected, *, batch_id: int, frames: int, priority: int, sampling: str | None
+) -> dict:
     fields = {
         "path": item.path,
         "sha256": item.sha256,
@@ -460,6 +475,7 @@ def _video_fields(item: Inspected, *, batch_id: int, frames: int, priority: int)
         "bytes": item.size,
         "batch_id": batch_id,
         "frames": frames,
+        "sampling": sampling,
         "priority": priority,
     }
     if item.info is not None:
@@ -487,6 +503,7 @@ class _Placement:
     batch_id: int
     frames: int
     priority: int
+    sampling: str | None
 
     def chunk(self, session: Session, items: list[Inspected]) -> list[tuple[str, str]]:
         by_sha = store.videos_by_sha256(
@@ -504,7 +521,11 @@ class _Placement:
             if existing is None:
                 video = Video(
                     **_video_fields(
-                        item, batch_id=self.batch_id, frames=self.frames, priority=self.priority
+                        item,
+                        batch_id=self.batch_id,
+                        frames=self.frames,
+                        priority=self.priority,
+                        sampling=self.sampling,
                     )
                 )
                 new.append(video)
@@ -545,6 +566,7 @@ class _Placement:
                 batch_id=self.batch_id,
                 frames=self.frames,
                 priority=self.priority,
+                sampling=self.sampling,
             )
             return Outcome.REQUEUED
         if existing.state == VideoState.REJECTED:

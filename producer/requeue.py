@@ -3,7 +3,9 @@
 `--where` is not SQL: it is the small condition language of db/conditions.py (shared with
 `training export`), `FIELD OP VALUE [and FIELD OP VALUE ...]` over report columns turned into
 a SQLAlchemy query, so no statement text reaches the database. Old reports stay: the new one
-has its own prompt version.
+has its own prompt version, or its own sampling mode (`--sampling events` describes again
+with event-aware frames what was described with uniform ones, e.g. `--where "sampling =
+uniform"`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
+
+from config.settings import DEFAULT_SAMPLING
 
 # The condition language moved to db/ so that `training export` reads it too; its names
 # stay importable from here.
@@ -48,10 +52,14 @@ def select_again(
     model: str,
     adapter: str,
     prompt_version: int,
+    sampling: str | None = None,
+    default_sampling: str = DEFAULT_SAMPLING,
     limit: int | None = None,
 ) -> Selection:
     """The videos with a report matching `where`, split into those to describe again (done,
-    no report yet from the current prompt, model and adapter) and those that are not.
+    no report yet from the current prompt, model and adapter with the sampling they would
+    be described with) and those that are not. That sampling is `sampling`, or when None
+    each video's own (`videos.sampling`), else `default_sampling` (the setting).
 
     Counted in SQL, so a condition that matches most of a million-video store costs three
     queries, not a row per matching report in Python. `limit`: only the first videos to
@@ -59,7 +67,7 @@ def select_again(
     current_report = aliased(Report)
     # Only columns of uq_report_key: the join reads that index, never the reports' rows.
     current = (
-        select(current_report.video_id)
+        select(current_report.video_id, current_report.sampling)
         .where(
             current_report.model == model,
             current_report.adapter == adapter,
@@ -68,12 +76,13 @@ def select_again(
         .subquery("current")
     )
     matched = Video.id.in_(select(Report.video_id).where(where))
+    mode = sampling if sampling is not None else func.coalesce(Video.sampling, default_sampling)
 
     def videos(*columns):
         return (
             select(*columns)
             .select_from(Video)
-            .outerjoin(current, current.c.video_id == Video.id)
+            .outerjoin(current, (current.c.video_id == Video.id) & (current.c.sampling == mode))
             .where(matched)
         )
 
@@ -108,18 +117,39 @@ def select_again(
 
 
 def matching(
-    *, session: Session, where, model: str, adapter: str, prompt_version: int
+    *,
+    session: Session,
+    where,
+    model: str,
+    adapter: str,
+    prompt_version: int,
+    sampling: str | None = None,
+    default_sampling: str = DEFAULT_SAMPLING,
 ) -> list[Match]:
-    """Done videos with a report matching `where` and no report yet from the current prompt."""
+    """Done videos with a report matching `where` and no report yet from the current prompt
+    (with the sampling they would be described with: see select_again)."""
     return select_again(
-        session=session, where=where, model=model, adapter=adapter, prompt_version=prompt_version
+        session=session,
+        where=where,
+        model=model,
+        adapter=adapter,
+        prompt_version=prompt_version,
+        sampling=sampling,
+        default_sampling=default_sampling,
     ).to_send
 
 
 def describe_selection(
-    selection: Selection, *, where_text: str, model: str, adapter: str, prompt_version: int
+    selection: Selection,
+    *,
+    where_text: str,
+    model: str,
+    adapter: str,
+    prompt_version: int,
+    sampling: str | None = None,
 ) -> str:
-    """One line: how many matched, how many go again, and why the others do not."""
+    """One line: how many matched, how many go again, and why the others do not. A
+    `sampling` asked for is named; otherwise each video's own mode was compared."""
     s = selection
 
     def plural(n: int, one: str, many: str) -> str:
@@ -132,9 +162,10 @@ def describe_selection(
     why = []
     if s.current:
         has = "already has" if s.current == 1 else "already have"
+        mode = f", {sampling} sampling" if sampling else ""
         why.append(
             f"{s.current} {has} a report from prompt v{prompt_version} "
-            f"(model {model}, {f'adapter {adapter}' if adapter else 'no adapter'})"
+            f"(model {model}, {f'adapter {adapter}' if adapter else 'no adapter'}{mode})"
         )
     for state, n in sorted(s.not_done.items()):
         why.append(f"{n} {'is' if n == 1 else 'are'} {state}")
@@ -144,9 +175,19 @@ def describe_selection(
 
 
 def requeue_videos(
-    *, session: Session, videos: list[Video], note: str, priority: int, frames: int
+    *,
+    session: Session,
+    videos: list[Video],
+    note: str,
+    priority: int,
+    frames: int,
+    sampling: str | None,
+    default_sampling: str,
 ) -> int:
-    """Put videos back to `queued` in a new batch (one submission each); its id."""
+    """Put videos back to `queued` in a new batch (one submission each); its id. Each keeps
+    its frame count (else `frames`) and is described with `sampling`, or when None its own
+    mode (else `default_sampling`): the mode is written on the video, so its message and
+    the report's key say it whatever a worker's setting."""
     from db import store
     from producer.enqueue import Outcome
 
@@ -160,6 +201,7 @@ def requeue_videos(
             batch_id=batch.id,
             frames=video.frames or frames,
             priority=priority,
+            sampling=sampling or video.sampling or default_sampling,
         )
     store.add_submissions(
         session=session,

@@ -12,6 +12,7 @@ import pytest
 from conftest import PG_ADMIN_URL
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from test_cli_slips import notice, run_cli
 
 from db.migrate import head_revision, upgrade
@@ -493,3 +494,118 @@ def test_down_to_0004_and_up_again_keeps_the_rows_and_the_schema(db_url):
     engine.dispose()
     assert tuple(row) == ("/v/a.mp4", "failed", "decode error")
     assert _differences(db_url) == []
+
+
+# --- 0007: sampling in the report key, with reports and hazards in the store ----------------
+
+
+def _at_0006_with_a_report(url: str) -> None:
+    """A store at 0006 holding one done video, its report and two hazards."""
+    engine = make_engine(url)
+    upgrade(engine, "0006")
+    at = {"at": "2026-01-01 00:00:00"}
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO batches (id, created_at, frames, priority, inputs, note) "
+                "VALUES (1, :at, 8, 0, 1, '')"
+            ),
+            at,
+        )
+        conn.execute(
+            text(
+                "INSERT INTO videos (id, path, sha256, state, attempts, priority, frames, "
+                "batch_id, created_at, updated_at) VALUES (1, '/v/a.mp4', :sha, 'done', 1, 0, "
+                "2, 1, :at, :at)"
+            ),
+            {"sha": "a" * 64, **at},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO reports (id, video_id, model, adapter, prompt_version, "
+                "schema_version, valid, raw_text, report, risk_factor, frame_timestamps, "
+                "tokens_in, tokens_out, latency_s, worker_host, created_at) VALUES (1, 1, 'm', "
+                "'', 2, 1, true, '{}', '{}', 'high', '[0.5, 1.5]', 10, 5, 0.1, 'h', :at)"
+            ),
+            at,
+        )
+        conn.execute(
+            text(
+                "INSERT INTO hazards (id, report_id, video_id, kind, description, frame, "
+                "timestamp_s) VALUES (1, 1, 1, 'pedestrian', 'crossing', 0, 0.5), "
+                "(2, 1, 1, 'vehicle', 'braking', 1, 1.5)"
+            )
+        )
+    engine.dispose()
+
+
+def _rows(url: str) -> dict:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                "videos": conn.execute(text("SELECT id, path, state FROM videos")).all(),
+                "reports": conn.execute(
+                    text("SELECT id, video_id, model, risk_factor FROM reports")
+                ).all(),
+                "hazards": conn.execute(
+                    text("SELECT id, report_id, kind, timestamp_s FROM hazards ORDER BY id")
+                ).all(),
+            }
+    finally:
+        engine.dispose()
+
+
+def test_0006_to_0007_and_back_keeps_reports_and_hazards(db_url):
+    _at_0006_with_a_report(db_url)
+    before = _rows(db_url)
+    assert len(before["hazards"]) == 2
+
+    engine = make_engine(db_url)
+    assert upgrade(engine, "0007") == ("0006", "0007")
+    with engine.connect() as conn:
+        added = conn.execute(
+            text("SELECT sampling, sampling_note, frames, event_frames FROM reports")
+        ).one()
+        hazards = conn.execute(text("SELECT frame_reason, frame_score FROM hazards")).all()
+        video = conn.execute(text("SELECT sampling FROM videos")).scalar()
+        if conn.dialect.name == "sqlite":  # the pooled connection has its foreign keys back
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+    assert tuple(added) == ("uniform", None, None, 0)
+    assert [tuple(h) for h in hazards] == [(None, None)] * 2 and video is None
+    assert _rows(db_url) == before
+    assert _differences(db_url) == []
+
+    _downgrade(db_url, "0006")
+    assert _revision(db_url) == "0006"
+    assert _rows(db_url) == before
+    engine = make_engine(db_url)
+    assert "sampling" not in {c["name"] for c in inspect(engine).get_columns("reports")}
+    assert upgrade(engine) == ("0006", head_revision())
+    engine.dispose()
+    assert _rows(db_url) == before
+    assert _differences(db_url) == []
+
+
+def test_the_report_key_holds_both_modes_and_the_downgrade_refuses_to_lose_one(db_url):
+    _at_0006_with_a_report(db_url)
+    engine = make_engine(db_url)
+    upgrade(engine)
+    copy = (
+        "INSERT INTO reports (id, video_id, model, adapter, prompt_version, schema_version, "
+        "valid, raw_text, frame_timestamps, sampling, event_frames, tokens_in, tokens_out, "
+        "latency_s, worker_host, created_at) SELECT :id, video_id, model, adapter, "
+        "prompt_version, schema_version, valid, raw_text, frame_timestamps, :mode, 1, "
+        "tokens_in, tokens_out, latency_s, worker_host, created_at FROM reports WHERE id = 1"
+    )
+    with engine.begin() as conn:
+        conn.execute(text(copy), {"id": 2, "mode": "events"})
+    with pytest.raises(IntegrityError, match=r"uq_report_key|UNIQUE"), engine.begin() as conn:
+        conn.execute(text(copy), {"id": 3, "mode": "uniform"})  # still one report a mode
+    engine.dispose()
+
+    with pytest.raises(RuntimeError, match="1 videos have reports that differ only by sampling"):
+        _downgrade(db_url, "0006")
+    assert _revision(db_url) == head_revision()
+    assert len(_rows(db_url)["reports"]) == 2 and len(_rows(db_url)["hazards"]) == 2

@@ -116,6 +116,10 @@ DESCRIBE_FIELDS = {
     "latency_s",
     "worker_host",
     "hazards",
+    "sampling",
+    "sampling_note",
+    "frames",
+    "event_frames",
 }
 
 
@@ -155,8 +159,17 @@ def test_worker_describe_cli_prints_json(tiny_model, tmp_path):
     assert len(frames) == 3 and frames == sorted(frames) and frames[0] >= 0 and frames[-1] < 2.0
     reparsed = parse_report(done["raw_text"], frames=len(frames))
     assert reparsed.error is None and reparsed.report == done["report"]
-    assert done["hazards"] == done["report"]["hazards"]
+    # each hazard as its row stores it: the report's, with the time and reason of its frame
+    plain = [{k: h[k] for k in ("kind", "description", "frame")} for h in done["hazards"]]
+    assert plain == done["report"]["hazards"]
     assert all(0 <= h["frame"] < len(frames) for h in done["hazards"])
+    assert all(
+        (h["timestamp_s"], h["frame_reason"], h["frame_score"])
+        == (frames[h["frame"]], "uniform", None)
+        for h in done["hazards"]
+    )
+    assert (done["sampling"], done["sampling_note"], done["event_frames"]) == ("uniform", None, 0)
+    assert done["frames"] == [{"t": t, "reason": "uniform", "score": None} for t in frames]
     assert (done["model"], done["adapter"]) == (str(tiny_model), "")
     assert (done["prompt_version"], done["schema_version"]) == (PROMPT_VERSION, SCHEMA_VERSION)
     assert done["tokens_in"] > 0 and done["tokens_out"] > 0 and done["latency_s"] > 0

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings, SettingsError, load_settings
+from config.settings import SAMPLING_MODES, Settings, SettingsError, load_settings
+from video import media
 
 
 @pytest.mark.parametrize(
@@ -41,6 +42,7 @@ def test_defaults_are_the_embedded_mode(monkeypatch, tmp_path):
         ("FLEETSCRIBE_FRAMES", "65", "FLEETSCRIBE_FRAMES"),
         ("FLEETSCRIBE_HEARTBEAT_S", "0", "FLEETSCRIBE_HEARTBEAT_S"),
         ("FLEETSCRIBE_COMPILE", "max-speed", "FLEETSCRIBE_COMPILE"),
+        ("FLEETSCRIBE_SAMPLING", "scenes", "FLEETSCRIBE_SAMPLING: Input should be 'uniform' or"),
     ],
 )
 def test_a_bad_value_is_named(monkeypatch, name, value, words):
@@ -56,3 +58,12 @@ def test_a_bad_value_is_named(monkeypatch, name, value, words):
 def test_compile_takes_a_mode_or_a_flag(monkeypatch, value, mode):
     monkeypatch.setenv("FLEETSCRIBE_COMPILE", value)
     assert Settings().compile == mode
+
+
+def test_sampling_is_a_mode_the_sampler_knows(monkeypatch):
+    monkeypatch.delenv("FLEETSCRIBE_SAMPLING", raising=False)
+    assert Settings().sampling == "uniform"
+    monkeypatch.setenv("FLEETSCRIBE_SAMPLING", "events")
+    assert Settings().sampling == "events"
+    # the CLI's --sampling choices and the setting's values are the sampler's modes
+    assert SAMPLING_MODES == media.SAMPLING_MODES

@@ -454,12 +454,20 @@ def test_requeue_video_sends_a_failed_video_round_again(migrated, video_id):
     with session_scope(factory) as session:
         batch = store.create_batch(session=session, frames=12, priority=5, inputs=1, note="retry")
         video = session.get(Video, video_id)
-        store.requeue_video(session=session, video=video, batch_id=batch.id, frames=12, priority=5)
+        store.requeue_video(
+            session=session,
+            video=video,
+            batch_id=batch.id,
+            frames=12,
+            priority=5,
+            sampling="events",
+        )
         batch_id = batch.id
     with factory() as session:
         video = session.get(Video, video_id)
         assert (video.state, video.reason, video.finished_at) == (VideoState.QUEUED, None, None)
         assert (video.batch_id, video.frames, video.priority) == (batch_id, 12, 5)
+        assert video.sampling == "events"
 
 
 # --- counts -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from db import store
 from db.models import Report, VideoState
 from db.session import session_scope
 from models.schema import parse_report
-from producer.clips import make_video, read_time
+from producer.clips import Event, make_video, read_time
 from training.data import FEATURES
 from training.export import ExportError, export
 from video.media import sample_frames
@@ -69,10 +69,13 @@ def described(
     valid: bool = True,
     timestamps: list[float] | None = None,
     video_id: int | None = None,
+    sampling: str = "uniform",
 ) -> tuple[int, int]:
     """(video id, report id) of `path` stored as a describe worker stores it: its size when
-    enqueued, a report with the timestamps of the k frames the worker's sampler took."""
-    times = timestamps if timestamps is not None else sample_frames(path, k).timestamps
+    enqueued, a report with the timestamps of the k frames the worker's sampler took (by
+    `sampling`)."""
+    sampled = sample_frames(path, k, sampling=sampling)
+    times = timestamps if timestamps is not None else sampled.timestamps
     with session_scope(sessions) as session:
         if video_id is None:
             video_id = store.add_video(
@@ -101,6 +104,8 @@ def described(
                 latency_s=0.5,
                 worker_host="gpu-1",
                 hazards=(report or {}).get("hazards", []),
+                sampling=sampling,
+                frames=sampled.choices() if timestamps is None else [],
             ),
         )
         return video_id, row.id
@@ -345,3 +350,21 @@ def test_the_export_command_writes_a_set_that_training_reads(sqlite_url, videos,
     refused = command("--where", "risk_factor = high", str(out))
     assert refused.returncode == 2
     assert refused.stderr.strip().endswith("exists and is not empty; export into a new directory")
+
+
+def test_a_report_of_event_frames_is_exported_with_those_frames(migrated, videos, tmp_path):
+    _engine, sessions = migrated
+    path = make_video(
+        videos / "crossing.mp4", seconds=12, fps=10, width=160, height=90, seed=5,
+        events=[Event(5.1, 0.8)],
+    )  # fmt: skip
+    events = sample_frames(path, 3, sampling="events").timestamps
+    assert events != sample_frames(path, 3).timestamps  # else this would show nothing
+    _, report_id = described(sessions, path, k=3, sampling="events")
+    out = tmp_path / "train-events"
+
+    result = run(sessions, "sampling = events", out, [videos])
+
+    assert (result.rows, result.skipped, result.report_ids) == (1, [], [report_id])
+    (row,) = load_from_disk(str(out))
+    assert row["timestamps"] == pytest.approx(events)

@@ -3,7 +3,8 @@
 The reports that match a condition (the `--where` language of db/conditions.py) and are
 valid go out as a Hugging Face dataset in fleetscribe's training form, one row a report:
 the frames, re-sampled from the video by the describe worker's sampler with as many frames
-as the report has timestamps (so frame i is the frame the report's hazards call i), those
+as the report has timestamps and its sampling mode (so frame i is the frame the report's
+hazards call i), those
 timestamps, the report's JSON and where it came from.
 
 A video that cannot be read as it was described any more (moved, changed, outside the
@@ -90,7 +91,7 @@ def export(
     )
 
     sample = sampler.sample if sampler is not None else sample_enqueued
-    sampled: dict[tuple[int, int], SampledVideo | str] = {}
+    sampled: dict[tuple[int, int, str], SampledVideo | str] = {}
     rows, used, skipped = [], [], []
     for report in found:
         try:
@@ -135,7 +136,7 @@ def _check_out(out: Path) -> None:
 
 def _row(
     report: ReportRow,
-    sampled: dict[tuple[int, int], SampledVideo | str],
+    sampled: dict[tuple[int, int, str], SampledVideo | str],
     sample: Callable[..., SampledVideo],
     *,
     max_side: int,
@@ -148,7 +149,7 @@ def _row(
     parsed = parse_report(json.dumps(report.report), frames=len(want))
     if parsed.report is None:
         raise _Unusable(f"report {report.report_id} is no longer valid: {parsed.error}")
-    key = (report.video_id, len(want))
+    key = (report.video_id, len(want), report.sampling)
     if key not in sampled:
         try:
             sampled[key] = sample(
@@ -157,6 +158,7 @@ def _row(
                 expected_bytes=report.video_bytes,
                 roots=roots,
                 max_side=max_side,
+                sampling=report.sampling,
             )
         except VideoError as e:
             sampled[key] = str(e)

@@ -29,15 +29,22 @@ T = TypeVar("T")
 
 
 def sample_enqueued(
-    path: str, k: int, *, expected_bytes: int | None, roots: list[Path], max_side: int
+    path: str,
+    k: int,
+    *,
+    expected_bytes: int | None,
+    roots: list[Path],
+    max_side: int,
+    sampling: str,
 ) -> SampledVideo:
-    """The video's frames, if it is still the allowed, unchanged file that was enqueued
-    (`expected_bytes`; None: a file given directly, checked as it is).
+    """The video's k frames chosen by `sampling` ("uniform" | "events"), if it is still the
+    allowed, unchanged file that was enqueued (`expected_bytes`; None: a file given
+    directly, checked as it is).
 
     Runs in a decoding process: even resolving the path can block on a stalled mount."""
     real = check_allowed(path, roots)
     if expected_bytes is None:  # not enqueued (`worker describe`): the file as it is now
-        return sample_frames(real, k, max_side=max_side)
+        return sample_frames(real, k, max_side=max_side, sampling=sampling)
     size = os.path.getsize(real) if real.exists() else None
     if size is None:
         raise VideoError("the file is gone since it was enqueued")
@@ -45,7 +52,7 @@ def sample_enqueued(
         raise VideoError(
             f"the file changed since it was enqueued ({size} bytes, was {expected_bytes})"
         )
-    return sample_frames(real, k, max_side=max_side)
+    return sample_frames(real, k, max_side=max_side, sampling=sampling)
 
 
 def _limit_memory(limit_bytes: int) -> None:
@@ -162,11 +169,24 @@ class FrameSampler(KillablePool):
         )
 
     def sample(
-        self, path: str, k: int, *, expected_bytes: int | None, roots: list[Path], max_side: int
+        self,
+        path: str,
+        k: int,
+        *,
+        expected_bytes: int | None,
+        roots: list[Path],
+        max_side: int,
+        sampling: str,
     ) -> SampledVideo:
         """`sample_enqueued` in a decoding process; VideoError says why it gave nothing."""
         return self.run(
-            sample_enqueued, path, k, expected_bytes=expected_bytes, roots=roots, max_side=max_side
+            sample_enqueued,
+            path,
+            k,
+            expected_bytes=expected_bytes,
+            roots=roots,
+            max_side=max_side,
+            sampling=sampling,
         )
 
 

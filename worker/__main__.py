@@ -1,4 +1,6 @@
-"""python -m worker [--gpus 0,1] [-c N] | python -m worker describe VIDEO... [--json]"""
+"""python -m worker [--gpus 0,1] [-c N]
+python -m worker describe VIDEO... [--json] [--frames K] [--sampling uniform|events]
+python -m worker flower [--port N]"""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import click
 
 from config.cli import run
 from config.errors import ExpectedError
-from config.settings import load_settings
+from config.settings import SAMPLING_MODES, load_settings
 
 
 class NoSuchGpu(ExpectedError):
@@ -216,13 +218,21 @@ def flower(port: int, address: str, unauthenticated: bool, db_path: str | None, 
 @click.argument("videos", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per video.")
 @click.option("--frames", "-k", type=click.IntRange(1, 64), default=None, help="Frames per video.")
-def describe(videos: tuple[str, ...], as_json: bool, frames: int | None) -> None:
+@click.option(
+    "--sampling",
+    type=click.Choice(SAMPLING_MODES),
+    default=None,
+    help="How frames are chosen (default FLEETSCRIBE_SAMPLING).",
+)
+def describe(
+    videos: tuple[str, ...], as_json: bool, frames: int | None, sampling: str | None
+) -> None:
     from worker.lifecycle import WorkerRuntime
     from worker.pipeline import describe_files
 
     settings = load_settings()
     with WorkerRuntime.open(settings, with_store=False) as rt:
-        results = describe_files(rt, list(videos), frames=frames)
+        results = describe_files(rt, list(videos), frames=frames, sampling=sampling)
     if as_json:
         for result in results:
             click.echo(json.dumps(result, ensure_ascii=False))

@@ -22,16 +22,17 @@ from models.errors import ModelError
 from models.runner import Answer
 from models.schema import SCHEMA_VERSION, parse_report
 from video.errors import VideoError
-from video.media import SampledVideo
+from video.media import SAMPLING_MODES, SampledVideo
 from worker.lifecycle import Stopping, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
 
 def run_video(
-    rt: WorkerRuntime, path: str, k: int, *, expected_bytes: int | None = None
+    rt: WorkerRuntime, path: str, k: int, *, sampling: str, expected_bytes: int | None = None
 ) -> tuple[SampledVideo, Answer]:
-    """Sample `path` and get the model's answer through the process's batcher.
+    """Sample `path` (k frames chosen by `sampling`) and get the model's answer through the
+    process's batcher.
 
     Raises VideoError (the file) or ModelError (the model), each with its one-line reason,
     or TimeoutError when no answer came within the task soft time limit."""
@@ -50,6 +51,7 @@ def run_video(
                 expected_bytes=expected_bytes,
                 roots=settings.video_roots,
                 max_side=settings.frame_max_side,
+                sampling=sampling,
             )
         with stage.labels(stage="preprocess").time():
             prepared = rt.runner.prepare(sampled)
@@ -59,9 +61,19 @@ def run_video(
 
 
 def build_report(
-    rt: WorkerRuntime, sampled: SampledVideo, answer: Answer, *, video_id: int | None
+    rt: WorkerRuntime,
+    sampled: SampledVideo,
+    answer: Answer,
+    *,
+    video_id: int | None,
+    sampling: str,
 ) -> store.NewReport:
-    """The report row for one answer: validated against schema v1, with its provenance."""
+    """The report row for one answer: validated against schema v1, with its provenance.
+
+    `sampling` is the mode asked for, stored as the report's and part of its key: the
+    frames may be uniform though "events" was asked (a file with nothing to score change
+    by), and then `sampling_note` says why and every frame's reason is "uniform". Keyed on
+    the mode asked, a redelivered message finds the report its first delivery stored."""
     parsed = parse_report(answer.text, frames=len(sampled.timestamps))
     return store.NewReport(
         video_id=video_id,
@@ -78,6 +90,9 @@ def build_report(
         latency_s=round(answer.latency_s, 4),
         worker_host=rt.host,
         hazards=(parsed.report or {}).get("hazards", []),
+        sampling=sampling,
+        sampling_note=sampled.note,
+        frames=sampled.choices(),
     )
 
 
@@ -93,8 +108,18 @@ def fail(rt: WorkerRuntime, video_id: int, reason: str, *, kind: str = "internal
     log.warning("video %s failed: %s", video_id, reason)
 
 
-def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int | None) -> str:
-    """Run one queued video to a final state and store it; returns that state's name."""
+def describe_video(
+    rt: WorkerRuntime,
+    *,
+    video_id: int,
+    path: str,
+    frames: int | None,
+    sampling: str | None = None,
+) -> str:
+    """Run one queued video to a final state and store it; returns that state's name.
+
+    `frames` and `sampling` are the message's (None, as in a message from before sampling
+    modes: the video's stored ones, else the worker's settings)."""
     runner = rt.runner
     with session_scope(rt.sessions) as session:
         video = store.start_attempt(session=session, video_id=video_id, worker=rt.host)
@@ -103,12 +128,21 @@ def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int |
             return "missing"
         if video.state in FINAL_STATES and not video.failed_internally:
             return video.state.value  # a redelivered message for a finished video
+        # The mode asked for, not the one the sampler may fall back to: the report's key.
+        mode = sampling or video.sampling or rt.settings.sampling
+        if mode not in SAMPLING_MODES:  # a message not from fleetscribe's producer
+            reason = f"unknown sampling mode {mode!r}: one of {', '.join(SAMPLING_MODES)}"
+            store.record_failure(session=session, video_id=video_id, reason=reason)
+            rt.metrics.failed.labels(reason="internal").inc()
+            log.warning("video %s failed: %s", video_id, reason)
+            return VideoState.FAILED.value
         done = store.find_report(
             session=session,
             video_id=video_id,
             model=runner.model_id,
             adapter=runner.adapter,
             prompt_version=runner.prompt_version,
+            sampling=mode,
         )
         if done is not None:
             video.state = VideoState.DONE
@@ -119,7 +153,7 @@ def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int |
             rt.metrics.queue_wait.observe(_seconds_since(video.published_at))
 
     try:
-        sampled, answer = run_video(rt, path, k, expected_bytes=expected_bytes)
+        sampled, answer = run_video(rt, path, k, sampling=mode, expected_bytes=expected_bytes)
     except Exception as e:
         if rt.stopping:  # a shutdown cut it short (its decoder killed, the GPU thread gone)
             raise Stopping(f"video {video_id}: the worker is shutting down") from e
@@ -133,7 +167,7 @@ def describe_video(rt: WorkerRuntime, *, video_id: int, path: str, frames: int |
             fail(rt, video_id, str(e), kind="video" if isinstance(e, VideoError) else "model")
         return VideoState.FAILED.value
 
-    new = build_report(rt, sampled, answer, video_id=video_id)
+    new = build_report(rt, sampled, answer, video_id=video_id, sampling=mode)
     began = time.perf_counter()
     with session_scope(rt.sessions) as session:
         _, created = store.record_report(session=session, new=new)
@@ -153,23 +187,27 @@ def _seconds_since(moment: datetime) -> float:
     return max(0.0, (utcnow() - moment).total_seconds())
 
 
-def describe_files(rt: WorkerRuntime, paths: list[str], *, frames: int | None) -> list[dict]:
+def describe_files(
+    rt: WorkerRuntime, paths: list[str], *, frames: int | None, sampling: str | None = None
+) -> list[dict]:
     """`worker describe`: each path through the worker's pipeline, nothing stored.
 
     One dict per path, in order: `status` done with the report's fields (as stored, with
     `valid`), or failed with its `reason`. The files are sampled on as many threads as a
-    worker has slots, so they share GPU batches as queued videos do."""
+    worker has slots, so they share GPU batches as queued videos do. `frames` and
+    `sampling` default to the settings."""
     k = frames or rt.settings.frames
+    mode = sampling or rt.settings.sampling
 
     def one(path: str) -> dict[str, Any]:
         try:
-            sampled, answer = run_video(rt, path, k)
+            sampled, answer = run_video(rt, path, k, sampling=mode)
         except (VideoError, ModelError) as e:
             return {"path": path, "status": "failed", "reason": str(e)}
         except TimeoutError:
             limit = rt.settings.task_soft_time_limit
             return {"path": path, "status": "failed", "reason": f"no answer within {limit} s"}
-        new = asdict(build_report(rt, sampled, answer, video_id=None))
+        new = asdict(build_report(rt, sampled, answer, video_id=None, sampling=mode))
         new.pop("video_id")
         return {"path": path, "status": "done", "valid": new["report"] is not None, **new}
 

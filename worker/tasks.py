@@ -17,11 +17,14 @@ from worker.pipeline import describe_video, fail
 log = logging.getLogger(__name__)
 
 
-def describe(self, video_id: int, path: str, frames: int | None = None) -> str:
-    """Describe one video and store its report; returns the video's final state."""
+def describe(
+    self, video_id: int, path: str, frames: int | None = None, sampling: str | None = None
+) -> str:
+    """Describe one video and store its report; returns the video's final state. A message
+    from before sampling modes carries no `sampling`: the video's, else the setting."""
     rt = self.app.runtime
     try:
-        return describe_video(rt, video_id=video_id, path=path, frames=frames)
+        return describe_video(rt, video_id=video_id, path=path, frames=frames, sampling=sampling)
     except Stopping as e:
         # A cold shutdown cut it short: the video is not failed, its message goes back.
         log.warning("%s; its message goes back to the queue", e)
