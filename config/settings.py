@@ -37,7 +37,7 @@ DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres")
 # uniform skeleton plus the moments that change most (video/events.py).
 Sampling = Literal["uniform", "events"]
 SAMPLING_MODES: tuple[str, ...] = get_args(Sampling)
-DEFAULT_SAMPLING: Sampling = "uniform"
+DEFAULT_SAMPLING: Sampling = "events"  # benchmarks/sampling.py: README, Frame sampling
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9.-]*)(\+[A-Za-z0-9_]+)?://")
 
 

@@ -163,13 +163,15 @@ def test_worker_describe_cli_prints_json(tiny_model, tmp_path):
     plain = [{k: h[k] for k in ("kind", "description", "frame")} for h in done["hazards"]]
     assert plain == done["report"]["hazards"]
     assert all(0 <= h["frame"] < len(frames) for h in done["hazards"])
+    chosen = done["frames"]
     assert all(
         (h["timestamp_s"], h["frame_reason"], h["frame_score"])
-        == (frames[h["frame"]], "uniform", None)
+        == (frames[h["frame"]], chosen[h["frame"]]["reason"], chosen[h["frame"]]["score"])
         for h in done["hazards"]
     )
-    assert (done["sampling"], done["sampling_note"], done["event_frames"]) == ("uniform", None, 0)
-    assert done["frames"] == [{"t": t, "reason": "uniform", "score": None} for t in frames]
+    # the default mode, events: a 2 s clip without an event gets its uniform frames
+    assert (done["sampling"], done["event_frames"]) == ("events", 0)
+    assert [(f["t"], f["reason"]) for f in chosen] == [(t, "uniform") for t in frames]
     assert (done["model"], done["adapter"]) == (str(tiny_model), "")
     assert (done["prompt_version"], done["schema_version"]) == (PROMPT_VERSION, SCHEMA_VERSION)
     assert done["tokens_in"] > 0 and done["tokens_out"] > 0 and done["latency_s"] > 0

@@ -66,9 +66,9 @@ def test_enqueue_stores_the_mode_on_the_video_and_its_message_carries_it(redis_u
     ]
     env = {"FLEETSCRIBE_BROKER_URL": redis_url}
     runs = [
-        (clips[0], ["--sampling", "events"], {}),  # the flag
+        (clips[0], ["--sampling", "uniform"], {}),  # the flag
         (clips[1], [], {}),  # the setting's default
-        (clips[2], ["--sampling", "uniform"], {"FLEETSCRIBE_SAMPLING": "events"}),  # flag wins
+        (clips[2], ["--sampling", "events"], {"FLEETSCRIBE_SAMPLING": "uniform"}),  # flag wins
     ]
     for clip, flags, extra in runs:
         out = run_cli(["producer", "enqueue", str(clip), *flags], tmp_path, {**env, **extra})
@@ -81,25 +81,25 @@ def test_enqueue_stores_the_mode_on_the_video_and_its_message_carries_it(redis_u
         keys = session.scalars(select(Batch.key).order_by(Batch.id)).all()
     engine.dispose()
     assert {name: v.sampling for name, v in videos.items()} == {
-        "a.mp4": "events",
-        "b.mp4": "uniform",
-        "c.mp4": "uniform",
+        "a.mp4": "uniform",
+        "b.mp4": "events",
+        "c.mp4": "events",
     }
     sent = {m["video_id"]: m for m in _messages(redis_url)}
     assert {name: sent[v.id]["sampling"] for name, v in videos.items()} == {
-        "a.mp4": "events",
-        "b.mp4": "uniform",
-        "c.mp4": "uniform",
+        "a.mp4": "uniform",
+        "b.mp4": "events",
+        "c.mp4": "events",
     }
     assert sent[videos["a.mp4"].id] == {
         "video_id": videos["a.mp4"].id,
         "path": str(clips[0]),
         "frames": 8,
-        "sampling": "events",
+        "sampling": "uniform",
     }
     # the batch's fingerprint is that of the command with its mode
-    assert keys[0] == command_key([str(clips[0])], None, frames=8, priority=0, sampling="events")
-    assert keys[2] == command_key([str(clips[2])], None, frames=8, priority=0, sampling="uniform")
+    assert keys[0] == command_key([str(clips[0])], None, frames=8, priority=0, sampling="uniform")
+    assert keys[2] == command_key([str(clips[2])], None, frames=8, priority=0, sampling="events")
 
 
 def test_the_command_fingerprint_differs_between_modes(tmp_path):

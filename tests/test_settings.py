@@ -62,8 +62,8 @@ def test_compile_takes_a_mode_or_a_flag(monkeypatch, value, mode):
 
 def test_sampling_is_a_mode_the_sampler_knows(monkeypatch):
     monkeypatch.delenv("FLEETSCRIBE_SAMPLING", raising=False)
-    assert Settings().sampling == "uniform"
-    monkeypatch.setenv("FLEETSCRIBE_SAMPLING", "events")
     assert Settings().sampling == "events"
+    monkeypatch.setenv("FLEETSCRIBE_SAMPLING", "uniform")
+    assert Settings().sampling == "uniform"
     # the CLI's --sampling choices and the setting's values are the sampler's modes
     assert SAMPLING_MODES == media.SAMPLING_MODES
