@@ -176,3 +176,20 @@ def test_a_bump_a_skeleton_frame_already_shows_takes_its_place():
 @pytest.mark.parametrize(("k", "slots"), [(1, 0), (2, 0), (3, 1), (4, 2), (8, 3), (12, 4), (16, 6)])
 def test_event_slots(k, slots):
     assert events.event_slots(k) == slots
+
+
+@pytest.mark.parametrize("seconds", [10.0, 40.0, 120.0])
+def test_choose_always_gives_k_distinct_frames_wherever_the_bumps_are(seconds):
+    """A bump near a frame of one skeleton size but not of another (the benchmark's 2-min
+    clip with a bump at 8.5 s once gave 9 frames of 8) still gives exactly k."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        bumps = {
+            float(t): float(s)
+            for t, s in zip(rng.uniform(0, seconds, 3), rng.uniform(1.3, 2, 3), strict=True)
+        }
+        chosen = events.choose(0.0, seconds, K, flat_curve(seconds, bumps))
+        times = [c.t for c in chosen]
+        assert len(chosen) == K, (bumps, chosen)
+        assert times == sorted(times) and len(set(times)) == K
+        assert all(0.0 <= t <= seconds for t in times)

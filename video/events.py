@@ -23,6 +23,7 @@ clip without such bumps gets exactly the uniform frames.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -204,7 +205,8 @@ def _sides(level: np.ndarray, n: int, gap: int) -> tuple[np.ndarray, np.ndarray]
         before[ok] = medians[b0[ok]]
         ok = a0 + n <= size
         after[ok] = medians[a0[ok]]
-    for i in range(size):  # the ends: partial windows
+    ends = min(size, n + gap)
+    for i in sorted({*range(ends), *range(size - ends, size)}):  # the ends: partial windows
         if np.isnan(before[i]):
             lo, hi = max(0, i - gap - n + 1), i - gap + 1
             if hi - lo >= least:
@@ -229,28 +231,32 @@ def choose(start: float, duration: float, k: int, curve: Curve) -> list[Choice]:
     """k frame targets: a uniform skeleton plus up to `event_slots(k)` event frames at the
     highest bumps of `curve` that the skeleton does not already show."""
     peaks = _peaks(curve, event_slots(k))
-    # A bump that a skeleton frame already shows (within COVERED_S) takes that frame's
-    # place and no slot of its own; the skeleton's size depends on how many bumps need a
-    # slot, so take the largest count that is consistent.
-    for extra in range(len(peaks), -1, -1):
-        skeleton = uniform_targets(start, duration, k - extra)
-        alone = [p for p in peaks if _nearest(skeleton, p[0]) > COVERED_S]
-        if len(alone) == extra:
-            break
+    skeleton = uniform_targets(start, duration, k - len(peaks))
     choices = []
     for t in skeleton:
+        # a bump that this skeleton frame already shows (within COVERED_S) takes its place
         near = [p for p in peaks if abs(p[0] - t) <= COVERED_S]
         if near:
             best = max(near, key=lambda p: p[1])
             choices.append(Choice(best[0], "event", round(best[1], 3)))
         else:
             choices.append(Choice(t, "uniform", round(curve.at(t), 3)))
-    choices += [Choice(t, "event", round(s, 3)) for t, s in alone]
+    taken = {c.t for c in choices}
+    choices += [Choice(t, "event", round(s, 3)) for t, s in peaks if t not in taken]
+    # the slots of bumps that took a skeleton frame's place go to the widest gaps left
+    while len(choices) < k:
+        t = _widest_gap(sorted(c.t for c in choices), start, start + duration)
+        choices.append(Choice(t, "uniform", round(curve.at(t), 3)))
     return sorted(choices, key=lambda c: c.t)
 
 
-def _nearest(targets: list[float], t: float) -> float:
-    return min((abs(t - s) for s in targets), default=float("inf"))
+def _widest_gap(times: list[float], start: float, end: float) -> float:
+    """The middle of the widest gap between frames; an end's gap counts double (a frame
+    there would sit at its middle, as the skeleton's end frames do)."""
+    gaps = [(2 * (times[0] - start), start + (times[0] - start) / 2)]
+    gaps += [(b - a, (a + b) / 2) for a, b in itertools.pairwise(times)]
+    gaps.append((2 * (end - times[-1]), end - (end - times[-1]) / 2))
+    return max(gaps)[1]
 
 
 def _peaks(curve: Curve, slots: int) -> list[tuple[float, float]]:
