@@ -18,6 +18,7 @@ import pytest
 from conftest import PG_ADMIN_URL
 from sqlalchemy import inspect
 
+from config.settings import DEFAULT_SAMPLING
 from db.migrate import upgrade
 from db.models import Video, VideoState
 from db.session import make_engine, make_sessionmaker
@@ -339,6 +340,7 @@ def _report(video_id: int, *, risk: str, prompt_version: int) -> NewReport:
         tokens_out=1,
         latency_s=0.1,
         worker_host="test",
+        sampling=DEFAULT_SAMPLING,  # what requeue describes with when no mode is given
     )
 
 
