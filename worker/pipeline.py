@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from db import store
 from db.models import FINAL_STATES, VideoState, utcnow
@@ -24,6 +24,9 @@ from models.schema import SCHEMA_VERSION, parse_report
 from video.errors import VideoError
 from video.media import SAMPLING_MODES, SampledVideo
 from worker.lifecycle import Stopping, WorkerRuntime
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +99,22 @@ def build_report(
     )
 
 
-def fail(rt: WorkerRuntime, video_id: int, reason: str, *, kind: str = "internal") -> None:
+def fail(
+    rt: WorkerRuntime,
+    video_id: int,
+    reason: str,
+    *,
+    kind: str = "internal",
+    session: Session | None = None,
+) -> None:
     """Mark a video failed with its one-line reason. `kind` counts it in the metrics:
-    "video" (its file: rejected), else why the worker failed it: model, timeout, internal."""
-    with session_scope(rt.sessions) as session:
+    "video" (its file: rejected), else why the worker failed it: model, timeout, internal.
+    Recorded in `session` when the caller holds one (committed with it), else in its own."""
+    if session is not None:
         store.record_failure(session=session, video_id=video_id, reason=reason)
+    else:
+        with session_scope(rt.sessions) as own:
+            store.record_failure(session=own, video_id=video_id, reason=reason)
     if kind == "video":
         rt.metrics.rejected.inc()
     else:
@@ -132,9 +146,7 @@ def describe_video(
         mode = sampling or video.sampling or rt.settings.sampling
         if mode not in SAMPLING_MODES:  # a message not from fleetscribe's producer
             reason = f"unknown sampling mode {mode!r}: one of {', '.join(SAMPLING_MODES)}"
-            store.record_failure(session=session, video_id=video_id, reason=reason)
-            rt.metrics.failed.labels(reason="internal").inc()
-            log.warning("video %s failed: %s", video_id, reason)
+            fail(rt, video_id, reason, session=session)
             return VideoState.FAILED.value
         done = store.find_report(
             session=session,
