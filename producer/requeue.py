@@ -116,29 +116,6 @@ def select_again(
     return Selection(to_send, n_reports, n_videos, n_current, dict(not_done), again)
 
 
-def matching(
-    *,
-    session: Session,
-    where,
-    model: str,
-    adapter: str,
-    prompt_version: int,
-    sampling: str | None = None,
-    default_sampling: str = DEFAULT_SAMPLING,
-) -> list[Match]:
-    """Done videos with a report matching `where` and no report yet from the current prompt
-    (with the sampling they would be described with: see select_again)."""
-    return select_again(
-        session=session,
-        where=where,
-        model=model,
-        adapter=adapter,
-        prompt_version=prompt_version,
-        sampling=sampling,
-        default_sampling=default_sampling,
-    ).to_send
-
-
 def describe_selection(
     selection: Selection,
     *,
