@@ -193,3 +193,21 @@ def test_choose_always_gives_k_distinct_frames_wherever_the_bumps_are(seconds):
         assert len(chosen) == K, (bumps, chosen)
         assert times == sorted(times) and len(set(times)) == K
         assert all(0.0 <= t <= seconds for t in times)
+
+
+def test_packets_demuxed_to_measure_a_file_without_duration_make_the_same_curve(clip):
+    """sample_frames hands the packets it demuxed for the duration to the change curve, so
+    a live WebM is demuxed once, not twice: the curve is the one demuxing again gives."""
+    from video.media import _measured, _stream_start
+
+    path = clip("vp9.webm", with_event=True)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rows: list = []
+        duration, _ = _measured(str(path), stream, rows)
+        start = _stream_start(stream)
+        given = events.change_curve(container, stream, start, duration, rows)
+        demuxed = events.change_curve(container, stream, start, duration)
+    assert len(rows) >= SECONDS * 15 - 1
+    assert np.array_equal(given.times, demuxed.times)
+    assert np.array_equal(given.scores, demuxed.scores)

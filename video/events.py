@@ -87,9 +87,10 @@ def uniform_targets(start: float, duration: float, k: int) -> list[float]:
     return [start + (i + 0.5) * duration / k for i in range(k)]
 
 
-def change_curve(container, stream, start: float, duration: float) -> Curve:
-    """The change curve of `stream` (NoCurve says why there is none)."""
-    times, sizes, keys = _packets(container, stream, start)
+def change_curve(container, stream, start: float, duration: float, rows=None) -> Curve:
+    """The change curve of `stream` (NoCurve says why there is none). `rows`: its packets'
+    (time, size, keyframe), when the caller has demuxed them already."""
+    times, sizes, keys = _packets(container, stream, start, rows)
     if len(times) < MIN_PACKETS:
         raise NoCurve(f"only {len(times)} packets with timestamps")
     if keys.mean() >= INTRA_SHARE:
@@ -102,10 +103,14 @@ def change_curve(container, stream, start: float, duration: float) -> Curve:
     return _curve(times, sizes, start, duration, "packets")
 
 
-def _packets(container, stream, start: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(times, sizes, keyframe flags) of the stream's packets, in time order."""
+def _packets(
+    container, stream, start: float, rows=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(times, sizes, keyframe flags) of the stream's packets, in time order: `rows` if
+    given, else from the MP4/MOV index, else demuxed."""
     entries = stream.index_entries
-    if entries is not None and len(entries) >= MIN_PACKETS and len(entries) >= (stream.frames or 0):
+    usable = entries is not None and len(entries) >= max(MIN_PACKETS, stream.frames or 0)
+    if rows is None and usable:
         # an MP4/MOV index: every sample's decode time, size and flags, nothing read
         rows = [(e.timestamp, e.size, e.is_keyframe) for e in entries if not e.is_discard]
         table = np.array(rows, dtype=np.float64)
@@ -113,12 +118,13 @@ def _packets(container, stream, start: float) -> tuple[np.ndarray, np.ndarray, n
         # decode times run ahead of presentation by the reorder delay: start them at 0
         times = start + (ts - ts.min()) * float(stream.time_base)
         return _ordered(times, table[:, 1], table[:, 2] > 0)
-    rows = []
-    tb = float(stream.time_base) if stream.time_base else None
-    for packet in container.demux(stream):
-        if packet.size and packet.pts is not None and tb:
-            rows.append((packet.pts * tb, packet.size, packet.is_keyframe))
-    container.seek(0)
+    if rows is None:
+        rows = []
+        tb = float(stream.time_base) if stream.time_base else None
+        for packet in container.demux(stream):
+            if packet.size and packet.pts is not None and tb:
+                rows.append((packet.pts * tb, packet.size, packet.is_keyframe))
+        container.seek(0)
     if not rows:
         return np.empty(0), np.empty(0), np.empty(0, bool)
     table = np.array(rows, dtype=np.float64)

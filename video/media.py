@@ -158,8 +158,10 @@ def _header_duration(container, stream) -> float | None:
     return None
 
 
-def _scan(container, stream) -> tuple[float | None, int]:
-    """(last frame time, packet count) by demuxing every packet; no decoding."""
+def _scan(container, stream, rows: list | None = None) -> tuple[float | None, int]:
+    """(last frame time, packet count) by demuxing every packet; no decoding. Each timed
+    packet's (time, size, keyframe) is added to `rows` when given (events.change_curve
+    reads them instead of demuxing the file again)."""
     last, count = None, 0
     for packet in container.demux(stream):
         if packet.size == 0:
@@ -168,13 +170,16 @@ def _scan(container, stream) -> tuple[float | None, int]:
         if packet.pts is not None and packet.time_base:
             t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
             last = t if last is None else max(last, t)
+            if rows is not None:
+                # timed as events._packets times a demuxed packet, to the last bit
+                rows.append((packet.pts * float(packet.time_base), packet.size, packet.is_keyframe))
     return last, count
 
 
-def _measure(path: str, index: int) -> tuple[float | None, int]:
+def _measure(path: str, index: int, rows: list | None = None) -> tuple[float | None, int]:
     """`_scan` on a fresh open of `path`: a raw stream (.h264) cannot seek back to its start."""
     with _open(path) as container:
-        return _scan(container, container.streams[index])
+        return _scan(container, container.streams[index], rows)
 
 
 def _fps(stream) -> float | None:
@@ -265,9 +270,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         return _info(path, size, container, stream, first, duration, frame_count)
 
 
-def _measured(path: str, stream) -> tuple[float | None, int]:
+def _measured(path: str, stream, rows: list | None = None) -> tuple[float | None, int]:
     """(duration from the packets, packet count), demuxing a fresh open of the file."""
-    last, packets = _measure(path, stream.index)
+    last, packets = _measure(path, stream.index, rows)
     return (None if last is None else max(0.0, last - _stream_start(stream))), packets
 
 
@@ -348,8 +353,9 @@ def sample_frames(
         start = _stream_start(stream)
         duration = _header_duration(container, stream)
         packets = None
+        rows: list = []  # the packets, when they are demuxed to measure the duration
         if duration is None:
-            duration, packets = _measured(path, stream)
+            duration, packets = _measured(path, stream, rows if sampling == "events" else None)
         choices, note = None, None
         if duration is None:
             # no timestamps at all (a raw elementary stream): pick by frame index instead
@@ -358,7 +364,7 @@ def sample_frames(
             picked = _by_index(container, stream, packets or 0, k)
         else:
             if sampling == "events":
-                choices, note = _event_choices(container, stream, start, duration, k)
+                choices, note = _event_choices(container, stream, start, duration, k, rows)
             targets = [c.t for c in choices or ()] or events.uniform_targets(start, duration, k)
             picked = _seek_and_decode(container, stream, targets)
         if not picked:
@@ -372,10 +378,11 @@ def sample_frames(
         return sampled
 
 
-def _event_choices(container, stream, start, duration, k):
-    """(choices, None), or (None, why not) when the file gives no change curve."""
+def _event_choices(container, stream, start, duration, k, rows):
+    """(choices, None), or (None, why not) when the file gives no change curve. `rows`: the
+    packets already demuxed (empty: none were)."""
     try:
-        curve = events.change_curve(container, stream, start, duration)
+        curve = events.change_curve(container, stream, start, duration, rows or None)
     except events.NoCurve as e:
         return None, f"{e}: uniform frames"
     except av.FFmpegError as e:
