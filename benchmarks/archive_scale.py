@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
+
 PY = sys.executable
 LOG: list[str] = []
 
@@ -46,13 +48,6 @@ LOG: list[str] = []
 def say(line: str = "") -> None:
     print(line, flush=True)
     LOG.append(line)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def archive(root: Path, count: int) -> Path:

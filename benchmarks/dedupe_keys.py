@@ -37,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from producer import fingerprint  # noqa: E402
 from producer.fingerprint import F1, Scheme, fast_key, sha256_file  # noqa: E402
 
@@ -68,13 +69,6 @@ def log(message: str) -> None:
     line = f"[{time.perf_counter() - _T0:6.1f} s] {message}"
     _LOG.append(line)
     print(line, flush=True)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def storage_read_bytes() -> int:

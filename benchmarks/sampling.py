@@ -67,6 +67,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from producer.clips import Event, make_video, read_time  # noqa: E402
 from video import events as ev  # noqa: E402
 from video import media  # noqa: E402
@@ -101,13 +102,6 @@ LOG: list[str] = []
 def say(line: str = "") -> None:
     print(line, flush=True)
     LOG.append(line)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 @dataclass(frozen=True)

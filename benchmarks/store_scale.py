@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import bindparam, event, select, text, update  # noqa: E402
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from db.models import Video, utcnow  # noqa: E402
 
 # The code before this benchmark's rewrites, timed beside today's (`@BASE` rows).
@@ -1097,16 +1098,6 @@ def plans_text(runs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
-
-
 def main() -> int:
     global _log_file
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1131,7 +1122,7 @@ def main() -> int:
 
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "cpu": cpu_name(),
+        "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
         "python": platform.python_version(),
         "sqlalchemy": sqlalchemy.__version__,
         "args": vars(args),
