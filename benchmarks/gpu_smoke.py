@@ -1,17 +1,27 @@
-"""GPU smoke check of the load paths: the tiny model under nf4 / fp16 / bf16 on CUDA.
+"""GPU smoke check of the load paths and the decode paths, on the tiny model, on CUDA.
 
-Run on a CUDA machine: python benchmarks/gpu_smoke.py. Prints one JSON line per quant.
+Run on a CUDA machine: python benchmarks/gpu_smoke.py [--out FILE.jsonl]. For each quant
+(nf4 / fp16 / bf16), without and with a random LoRA adapter, it prints one JSON line:
+- the engine's loop on captured CUDA graphs (`graph`) against the same loop eager
+  (`loop`) and against HF `generate`, batched, under the report grammar;
+- `graph` batched against `graph` one video at a time;
+- `graph` with rows stopping at different lengths (so the batch is compacted into smaller
+  buckets) against `loop` on the same lengths.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @dataclass
@@ -20,13 +30,85 @@ class _Frames:  # the part of video.media.SampledVideo the runner reads
     timestamps: list
 
 
+def _texts(answers) -> list[str]:
+    return [a.text for a in answers]
+
+
+def _run(loaded, generation: str, videos, *, constrained: bool, lengths=None, **knobs):
+    from models.runner import ModelRunner, RunnerConfig, report_grammar
+
+    config = RunnerConfig(generation=generation, **knobs)
+    grammar = report_grammar(loaded) if constrained else None
+    runner = ModelRunner(loaded, config, grammar=grammar)
+    prepared = [runner.prepare(v) for v in videos]
+    if lengths is not None:
+        runner.answer_lengths = {id(p): n for p, n in zip(prepared, lengths, strict=True)}
+    return runner, runner.generate(prepared)
+
+
+def check(loaded, videos, quant: str, adapter: str) -> dict:
+    import torch
+
+    knobs = dict(max_new_tokens=16, batch_size=len(videos), first_pass_tokens=64)
+    began = time.perf_counter()
+    graph, graph_answers = _run(loaded, "graph", videos, constrained=True, **knobs)
+    _, loop_answers = _run(loaded, "loop", videos, constrained=True, **knobs)
+    _, generate_answers = _run(loaded, "generate", videos, constrained=True, **knobs)
+    single = [_run(loaded, "graph", [v], constrained=True, **knobs)[1][0] for v in videos]
+    lengths = [48, 5, 17, 2, 33, 9][: len(videos)]
+    free = dict(max_new_tokens=48, min_new_tokens=48, batch_size=len(videos))
+    short, short_graph = _run(loaded, "graph", videos, constrained=False, lengths=lengths, **free)
+    _, short_loop = _run(loaded, "loop", videos, constrained=False, lengths=lengths, **free)
+    four_bit = [n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear4bit"]
+    return {
+        "quant": quant,
+        "adapter": adapter,
+        "gpu": torch.cuda.get_device_name(0),
+        "compute_dtype": str(loaded.compute_dtype),
+        "linear4bit_modules": len(four_bit),
+        "linear4bit_in_vision_or_lm_head": sum(
+            ".visual." in n or n.endswith("lm_head") for n in four_bit
+        ),
+        "graph_path": [t.path for t in graph.timings],
+        "capture_failure": graph._loop.failure if graph._loop else None,
+        "tokens_out": [a.tokens_out for a in graph_answers],
+        "graph_equals_loop": _texts(graph_answers) == _texts(loop_answers),
+        "graph_equals_generate": _texts(graph_answers) == _texts(generate_answers),
+        "batched_equals_single": _texts(graph_answers) == _texts(single),
+        "stopping_rows": {
+            "lengths": [a.tokens_out for a in short_graph],
+            "buckets": short.timings[-1].buckets,
+            "path": short.timings[-1].path,
+            "graph_equals_loop": _texts(short_graph) == _texts(short_loop),
+        },
+        "seconds": round(time.perf_counter() - began, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+    }
+
+
+def _adapter(model_dir: Path, out: Path) -> Path:
+    """A random LoRA adapter on the tiny model (B not zero, so it changes answers)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from models.loader import load_model
+
+    base = load_model(str(model_dir), quant="fp32", device="cpu").model
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
 def main() -> int:
     import torch
 
     from models.loader import load_model
-    from models.runner import ModelRunner, RunnerConfig, report_grammar
     from models.tiny import build_tiny
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the lines to this file")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
@@ -36,11 +118,12 @@ def main() -> int:
             [rng.integers(0, 255, (360, 640, 3), dtype=np.uint8) for _ in range(n)],
             [0.5 * i for i in range(n)],
         )
-        for n in (8, 6, 8)
+        for n in (8, 6, 8, 3, 7, 8)
     ]
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny(
-            tmp,
+            Path(tmp) / "model",
             hidden_size=256,
             intermediate_size=512,
             num_heads=4,
@@ -48,39 +131,17 @@ def main() -> int:
             head_dim=64,
             vision_hidden=128,
         )
+        adapter = _adapter(path, Path(tmp) / "adapter")
         for quant in ("nf4", "fp16", "bf16"):
-            began = time.perf_counter()
-            loaded = load_model(str(path), quant=quant)
-            runner = ModelRunner(
-                loaded,
-                RunnerConfig(max_new_tokens=16, batch_size=4),
-                grammar=report_grammar(loaded),
-            )
-            batched = runner.answer(videos)
-            single = [runner.answer([v])[0] for v in videos]
-            four_bit = [
-                n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear4bit"
-            ]
-            print(
-                json.dumps(
-                    {
-                        "quant": quant,
-                        "gpu": torch.cuda.get_device_name(0),
-                        "compute_dtype": str(loaded.compute_dtype),
-                        "linear4bit_modules": len(four_bit),
-                        "linear4bit_in_vision_or_lm_head": sum(
-                            ".visual." in n or n.endswith("lm_head") for n in four_bit
-                        ),
-                        "tokens_out": [a.tokens_out for a in batched],
-                        "batched_equals_single": [a.text for a in batched]
-                        == [a.text for a in single],
-                        "seconds": round(time.perf_counter() - began, 2),
-                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                    }
-                )
-            )
-            del runner, loaded
-            torch.cuda.empty_cache()
+            for lora in (None, adapter):
+                loaded = load_model(str(path), quant=quant, adapter=str(lora) if lora else None)
+                line = check(loaded, videos, quant, "random LoRA r=8" if lora else "none")
+                print(json.dumps(line), flush=True)
+                lines.append(line)
+                del loaded
+                torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(line) + "\n" for line in lines))
     return 0
 
 

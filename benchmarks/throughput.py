@@ -6,11 +6,16 @@ On a CUDA machine (the numbers in README come from this):
 
 It builds a random model with Qwen3-VL-4B's published shape (benchmarks/shapes/, no
 download), writes real H.264 test clips, samples their frames with the real sampler and
-forces a fixed answer length (--new-tokens). For each setting it runs
+forces a fixed answer length (--new-tokens). For each setting and frame count it runs
 - seed: NF4, one video per `generate` call, default dynamic cache (SEED.md's loop);
-- runner: fleetscribe's runner fed by CPU threads through the worker's batcher, i.e.
-  frames are decoded and preprocessed while the GPU runs the previous batch;
+- engine (generate): fleetscribe's runner on HF `generate` (the engine before the decode
+  loop), fed by CPU threads through the worker's batcher, i.e. frames are decoded and
+  preprocessed while the GPU runs the previous batch;
+- engine (graph): the same runner on its own decode loop, each step a replayed CUDA graph;
 at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15 GiB).
+`--grammar` adds both paths under the report grammar, `--lengths` both paths with answers
+that stop at different lengths (drawn from a distribution), so compaction shows, and
+`--profile` a torch.profiler summary of the phase before the first token.
 `--e2e` adds the same videos through a real Redis and a real `python -m worker`.
 
 On a CPU (a smoke run of the same code): --shape small --quant fp32 --settings cpu.
@@ -118,6 +123,45 @@ def run_seed(loaded, clips: list[Path], args) -> dict:
     return _row(f"seed ({args.quant}, 1 video/generate)", len(clips), tokens, elapsed, batch=1)
 
 
+def answer_lengths(spec: str, count: int, cap: int, seed: int = 0) -> list[int]:
+    """Per-video answer lengths for `--lengths`: "lognormal:MEDIAN:SIGMA", clipped to
+    [16, cap]. Real reports run from a short scene and no hazard to five hazards and long
+    texts; with no real model here the shape is an assumption (median 170 tokens)."""
+    import numpy as np
+
+    kind, median, sigma = spec.split(":")
+    if kind != "lognormal":
+        raise SystemExit(f"--lengths: unknown distribution {kind}")
+    rng = np.random.default_rng(seed)
+    drawn = rng.lognormal(np.log(float(median)), float(sigma), count)
+    return [int(n) for n in np.clip(np.round(drawn), 16, cap)]
+
+
+@contextmanager
+def gpu_busy():
+    """The GPU's busy share while the block runs: nvidia-smi's utilization (the share of
+    time a kernel was running), sampled every 100 ms; yields a dict filled on exit."""
+    result: dict = {}
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        yield result
+        return
+    proc = subprocess.Popen(
+        [smi, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        yield result
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        samples = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]
+        if samples:
+            result["gpu_util"] = round(statistics.mean(samples) / 100, 3)
+
+
 def run_batched(
     loaded,
     clips: list[Path],
@@ -126,11 +170,14 @@ def run_batched(
     compile: str,
     constrained: bool = False,
     new_tokens: int | None = None,
+    generation: str = "generate",
+    lengths: list[int] | None = None,
 ) -> dict:
     """The worker's path: feeder threads sample + prepare, the batcher drives the GPU.
 
-    Unconstrained, every answer is forced to `new_tokens`; constrained (the report
-    grammar), answers end where the grammar lets them."""
+    Unconstrained, every answer is forced to `new_tokens` (or, with `lengths`, stops at
+    its own length); constrained (the report grammar), answers end where the grammar lets
+    them."""
     from models.compat import allow_compiling_nf4
     from models.memory import apply_memory_cap
     from models.runner import ModelRunner, RunnerConfig, report_grammar
@@ -144,6 +191,7 @@ def run_batched(
         batch_size=args.batch_size,
         compile=compile or "off",
         prefill_chunk=args.prefill_chunk,
+        generation=generation,
     )
     # The process-wide steps, as models.runner.build_runner takes them for a worker.
     cap = apply_memory_cap(loaded.device, memory_gib)
@@ -157,10 +205,17 @@ def run_batched(
         # unconstrained row (the cut answers are not valid reports; their cost is real).
         runner.answer_tokens = runner.first_pass_tokens = args.grammar_steps
 
+    by_path = {path: i for i, path in enumerate(clips)}
+    if lengths is not None:
+        runner.answer_lengths = {}
+
     def feed(batcher: Batcher, path: Path):
         with batcher.preparing():  # as the worker's task threads do
             video = sample_frames(path, args.frames, max_side=640)
-            pending = batcher.submit(runner.prepare(video))
+            prepared = runner.prepare(video)
+            if lengths is not None:
+                runner.answer_lengths[id(prepared)] = lengths[by_path[path] % len(lengths)]
+            pending = batcher.submit(prepared)
         return pending.result()
 
     def run(paths: list[Path]):
@@ -175,8 +230,10 @@ def run_batched(
     log(f"runner warm-up: batches {warm.sizes} in {warm.busy_s:.1f} s")
     _reset_peak()
     runner.memory.peak = 0  # the runner resets the CUDA peak each batch; it keeps its own
+    runner.timings.clear()
     began, cpu_began = time.perf_counter(), time.process_time()
-    answers, stats = run(clips)
+    with gpu_busy() as busy:
+        answers, stats = run(clips)
     elapsed = time.perf_counter() - began
     # All of this process's CPU time (FFmpeg's decoder threads included) except the GPU
     # thread's: what decoding and preprocessing cost per video.
@@ -185,9 +242,11 @@ def run_batched(
     compiled = (
         f" + compile {compile}" if runner.compile else (" (compile failed)" if compile else "")
     )
-    name = "runner" + compiled + (" + grammar" if constrained else "")
+    name = f"engine ({generation})" + compiled + (" + grammar" if constrained else "")
     if new_tokens != args.new_tokens:
         name += f" ({new_tokens} tokens)"
+    if lengths is not None:
+        name += f" (lengths {args.lengths})"
     row = _row(name, len(clips), sum(a.tokens_out for a in answers), elapsed, batch=stats.sizes)
     row["peak_gib"] = max(row["peak_gib"], round(runner.memory.peak / 2**30, 2))
     per_video_cpu = feeding_cpu / len(clips)
@@ -197,6 +256,17 @@ def run_batched(
     row["cpu_cores_needed"] = round(per_video_cpu / row["s_per_video"], 1)
     row["gpu_busy"] = round(stats.busy_s / elapsed, 3)
     row["mean_batch_steps"] = round(statistics.mean(stats.steps)) if stats.steps else 0
+    timings = runner.timings
+    row["first_token_s_per_video"] = round(sum(t.first_token_s for t in timings) / len(clips), 4)
+    steps = sum(t.steps for t in timings)
+    decoding = sum(t.seconds - t.first_token_s for t in timings)
+    row["ms_per_step"] = round(1000 * decoding / max(steps, 1), 2)
+    row["paths"] = sorted({t.path for t in timings})
+    row["buckets"] = [t.buckets for t in timings if t.buckets]
+    if runner._loop is not None and runner._loop.failure:
+        row["capture_failure"] = runner._loop.failure
+    row.update(busy)
+    row["frames"] = args.frames
     return row
 
 
@@ -232,22 +302,44 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
         apply_memory_cap("cuda", cap)
     loaded = load_model(str(model_dir), quant=args.quant, compute=compute)
     log(f"{name}: model loaded ({loaded.compute_dtype})")
-    rows = [run_seed(loaded, clips[: args.seed_videos], args)]
-    log(f"{name}: seed's way done: {rows[-1]}")
-    rows.append(run_batched(loaded, clips, args, cap, compile=""))
-    log(f"{name}: runner done: {rows[-1]}")
-    if args.grammar and name == args.settings.split(",")[0]:
-        # Constrained answers end where the grammar says; the cost of the constraint is its
-        # time against the unconstrained runner forced to the same number of decode steps.
-        constrained = run_batched(loaded, clips, args, cap, compile="", constrained=True)
-        steps = constrained["mean_batch_steps"]
-        same, extra = rows[-1], []  # the runner row: forced to --new-tokens steps
-        if steps != same["mean_batch_steps"]:
-            same = run_batched(loaded, clips, args, cap, compile="", new_tokens=steps)
-            extra = [same]
-        constrained["grammar_cost"] = round(constrained["seconds"] / same["seconds"] - 1, 3)
-        rows += [constrained, *extra]
-        log(f"{name}: grammar done: cost {constrained['grammar_cost']}")
+    rows: list[dict] = []
+    if args.seed_videos:
+        rows.append(run_seed(loaded, clips[: args.seed_videos], args))
+        log(f"{name}: seed's way done: {rows[-1]}")
+    paths = args.paths.split(",")
+    lengths = answer_lengths(args.lengths, len(clips), args.new_tokens) if args.lengths else None
+    for frames in [int(f) for f in str(args.frame_counts).split(",")]:
+        args.frames = frames
+        plain: dict[str, dict] = {}
+        for path in paths:
+            plain[path] = run_batched(loaded, clips, args, cap, compile="", generation=path)
+            rows.append(plain[path])
+            log(f"{name}, {frames} frames: {path} done: {rows[-1]}")
+        if args.grammar and frames in _grammar_frames(args):
+            for path in paths:
+                # Constrained answers end where the grammar says; the cost of the constraint
+                # is its time against the same path forced to the same number of steps.
+                constrained = run_batched(
+                    loaded, clips, args, cap, compile="", constrained=True, generation=path
+                )
+                steps = constrained["mean_batch_steps"]
+                same, extra = plain[path], []
+                if steps != same["mean_batch_steps"]:
+                    same = run_batched(
+                        loaded, clips, args, cap, compile="", new_tokens=steps, generation=path
+                    )
+                    extra = [same]
+                constrained["grammar_cost"] = round(constrained["seconds"] / same["seconds"] - 1, 3)
+                rows += [constrained, *extra]
+                log(f"{name}, {frames} frames: {path} grammar cost {constrained['grammar_cost']}")
+        if lengths is not None and frames == int(str(args.frame_counts).split(",")[0]):
+            for path in paths:
+                rows.append(
+                    run_batched(loaded, clips, args, cap, "", generation=path, lengths=lengths)
+                )
+                log(f"{name}, {frames} frames: {path} with lengths done: {rows[-1]}")
+        if args.profile and frames == int(str(args.frame_counts).split(",")[0]):
+            profile_first_token(loaded, clips, args, paths, Path(args.out or "throughput"))
     for mode in filter(None, args.compile.split(",")):
         try:
             rows.append(run_batched(loaded, clips, args, cap, compile=mode))
@@ -255,15 +347,87 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
             rows.append(
                 {"path": f"runner + compile {mode}", "error": f"{type(e).__name__}: {e}"[:300]}
             )
+    seed = rows[0] if rows and rows[0]["path"].startswith("seed") else None
     for row in rows:
         row.update(setting=name, compute=str(loaded.compute_dtype), memory_cap_gib=cap)
-        if "s_per_video" in row:
-            row["x_seed"] = round(rows[0]["s_per_video"] / row["s_per_video"], 1)
+        if seed and "s_per_video" in row:
+            row["x_seed"] = round(seed["s_per_video"] / row["s_per_video"], 1)
+        base = _generate_twin(rows, row)
+        if base is not None and "s_per_video" in row:
+            row["x_generate"] = round(base["s_per_video"] / row["s_per_video"], 2)
     del loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0)
     return rows
+
+
+def _grammar_frames(args) -> set[int]:
+    return {int(f) for f in str(args.grammar_frames or args.frame_counts).split(",")}
+
+
+def _generate_twin(rows: list[dict], row: dict) -> dict | None:
+    """The `engine (generate)` row run like `row` (same frames, grammar, lengths)."""
+    if not row.get("path", "").startswith("engine (") or "(generate)" in row["path"]:
+        return None
+    twin = row["path"].replace(
+        f"engine ({row['path'].split('(')[1].split(')')[0]})", "engine (generate)"
+    )
+    for other in rows:
+        if other.get("path") == twin and other.get("frames") == row.get("frames"):
+            return other
+    return None
+
+
+def profile_first_token(loaded, clips: list[Path], args, paths: list[str], out: Path) -> None:
+    """torch.profiler over one batch answered with one token (the phase before the first
+    answer token), per path: the top operators by device time and by host time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.runner import ModelRunner, RunnerConfig
+    from video.media import sample_frames
+
+    with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        videos = list(
+            pool.map(
+                lambda p: sample_frames(p, args.frames, max_side=640), clips[: args.batch_size]
+            )
+        )
+    text = []
+    for path in paths:
+        config = RunnerConfig(
+            max_new_tokens=1,
+            batch_size=args.batch_size,
+            prefill_chunk=args.prefill_chunk,
+            generation=path,
+        )
+        runner = ModelRunner(loaded, config)
+        runner.generate([runner.prepare(v) for v in videos[:2]])  # warm
+        began = time.perf_counter()
+        with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+            prepared = list(pool.map(runner.prepare, videos))
+        prepare_s = time.perf_counter() - began
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities) as prof:
+            began = time.perf_counter()
+            runner.generate(prepared)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - began
+        averages = prof.key_averages()
+        text.append(
+            f"== {path}: {len(videos)} videos x {args.frames} frames, first token in "
+            f"{seconds:.2f} s under the profiler ({seconds / len(videos):.4f} s/video); "
+            f"preparing them on {os.cpu_count()} threads took {prepare_s:.2f} s (feeders' work)\n"
+        )
+        text.append(
+            averages.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60)
+        )
+        text.append(
+            averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
+        )
+        log(f"profile {path}: {seconds:.2f} s for {len(videos)} videos")
+    Path(f"{out}_profile.txt").write_text("\n".join(text))
 
 
 def run_e2e(model_dir: Path, clips_dir: Path, args, runner_row: dict) -> dict:
@@ -439,6 +603,11 @@ def table(rows: list[dict], gpu: str) -> str:
         ("videos/h", "videos_per_hour"),
         ("tokens/s", "tokens_per_s"),
         ("x seed", "x_seed"),
+        ("x generate", "x_generate"),
+        ("frames", "frames"),
+        ("first token s/video", "first_token_s_per_video"),
+        ("ms/step", "ms_per_step"),
+        ("GPU busy", "gpu_util"),
         ("peak GiB", "peak_gib"),
         ("CPU cores/GPU", "cpu_cores_needed"),
         ("queue cost", "queue_overhead"),
@@ -448,7 +617,7 @@ def table(rows: list[dict], gpu: str) -> str:
         out.add_column(title, overflow="fold")
     for row in rows:
         out.add_row(*[str(row.get(key, row.get("error", "")) if key else "") for _, key in cols])
-    console = Console(record=True, width=160)
+    console = Console(record=True, width=220)
     console.print(out)
     return console.export_text()
 
@@ -461,7 +630,13 @@ def main() -> int:
     parser.add_argument("--videos", type=int, default=256)
     parser.add_argument("--seed-videos", type=int, default=2)
     parser.add_argument("--t4-videos", type=int, default=64, help="fewer: T4 batches are small")
-    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frames", dest="frame_counts", default="8", help="e.g. 8,12")
+    parser.add_argument("--paths", default="generate,graph", help="engine paths to run")
+    parser.add_argument("--grammar-frames", default="", help="frame counts for --grammar")
+    parser.add_argument(
+        "--lengths", default="", help="also answers of varied length, e.g. lognormal:170:0.35"
+    )
+    parser.add_argument("--profile", action="store_true", help="profile the first-token phase")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="0: whole prompts")
@@ -486,6 +661,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
     args = parser.parse_args()
     args.feeders = args.feeders or 2 * args.batch_size
+    args.frames = int(str(args.frame_counts).split(",")[0])
 
     import torch
 
@@ -518,7 +694,7 @@ def main() -> int:
         rows += run_setting(name, model_dir, clips, args)
         save()
         if args.e2e and i == 0:  # against the first setting's runner (h100, or cpu on a CPU)
-            runner_row = next(r for r in rows if r["path"] == "runner")
+            runner_row = next(r for r in rows if r["path"] == "engine (generate)")
             row = run_e2e(model_dir, clips_dir, args, runner_row)
             row.update(setting=name, x_seed=round(rows[0]["s_per_video"] / row["s_per_video"], 1))
             rows.append(row)

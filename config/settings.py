@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # torch.compile the decode step: off, default (fused kernels) or reduce-overhead (and
     # CUDA graphs); the first batch of each shape compiles (minutes). true = reduce-overhead.
     compile: Literal["off", "default", "reduce-overhead"] = "off"
+    # How answers are generated: auto (the engine's own loop, each step a replayed CUDA
+    # graph, on a GPU; HF generate on the CPU), graph, loop (the engine's loop uncaptured)
+    # or generate (HF's loop, the fallback where capture fails).
+    generation: Literal["auto", "graph", "loop", "generate"] = "auto"
     # Prefill prompts this many tokens at a time (0: whole): the prefill's activations, about
     # half of a batch's peak memory with whole prompts, shrink, so more videos fit a batch.
     prefill_chunk: int = Field(512, ge=0)

@@ -31,6 +31,11 @@ class ReportGrammar:
 
     def generate_options(self, frames_per_row: list[int]) -> dict[str, list]:
         """`generate` arguments for one batch: a fresh mask per row, fresh matchers."""
+        masks = self.masks(frames_per_row)
+        return {"logits_processor": [masks], "stopping_criteria": [masks.after_step]}
+
+    def masks(self, frames_per_row: list[int]) -> GrammarMasks:
+        """Fresh matchers and masks for one batch (the engine's own loop drives them)."""
         if self._batch is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -38,8 +43,7 @@ class ReportGrammar:
 
             self._batch = xgr.BatchGrammarMatcher()
             self._filler = ThreadPoolExecutor(1, thread_name_prefix="fleetscribe-grammar")
-        masks = GrammarMasks([self.compiled(k) for k in frames_per_row], self._batch, self._filler)
-        return {"logits_processor": [masks], "stopping_criteria": [masks.after_step]}
+        return GrammarMasks([self.compiled(k) for k in frames_per_row], self._batch, self._filler)
 
 
 class GrammarMasks:
@@ -81,6 +85,15 @@ class GrammarMasks:
         )
         if not all(accepted):
             raise RuntimeError("a token outside the grammar was chosen")
+        self._next = self._filler.submit(self._fill)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only the rows at these positions go on, in this order (the engine's loop moved
+        them to the front of its buffers): masks from now on are for them."""
+        if self._next is not None:
+            self._next.result()
+        self.matchers = [self.matchers[i] for i in rows]
+        self.bitmask = self.bitmask[: len(rows)]
         self._next = self._filler.submit(self._fill)
 
     def __call__(self, input_ids, scores):

@@ -5,7 +5,10 @@ Work is split in two so the GPU never waits on the CPU:
   of one video into CPU tensors. Celery task threads or the benchmark's feeders run it
   while the device is busy with the previous batch.
 - `generate` (the device thread): pads prepared videos into batches (left padding, one
-  static KV cache), runs greedy `generate`, and cuts each row at its own stop token.
+  static KV cache), decodes them greedily and cuts each row at its own stop token. How
+  is `generation` (FLEETSCRIBE_GENERATION): on CUDA the engine's own loop, each step a
+  replayed CUDA graph (`models.decode_loop`); on the CPU HF `generate`; `loop` is the
+  engine's loop without capture (the tests hold it to `generate`'s tokens).
   The batch is bounded by `batch_size` and by what the GPU memory (and an optional cap)
   holds; a CUDA out-of-memory error halves the batch and retries instead of failing it.
 
@@ -21,10 +24,11 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from models.compat import allow_compiling_nf4
+from models.decode_loop import DecodeLoop
 from models.errors import GenerationError
 from models.loader import LoadedModel, load_model
 from models.memory import GpuMemory, apply_memory_cap
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+GENERATION_PATHS = ("auto", "graph", "loop", "generate")
 # Token-level tensors that are padded on the left; everything else is concatenated.
 _PADDED = ("input_ids", "attention_mask", "mm_token_type_ids")
 # Prompt lengths are padded up to a multiple of this, so the static cache and any compiled
@@ -53,6 +58,18 @@ class Answer:
     latency_s: float
     batch_size: int = 1
     finished: bool = True  # the model ended it (stop token), rather than the token limit
+
+
+@dataclass
+class BatchTiming:
+    """How one batch's time went (the benchmarks read the runner's `timings`)."""
+
+    rows: int
+    seconds: float  # the whole batch: collation to the last token on the host
+    first_token_s: float  # collation, prompt in, first token chosen (device synchronised)
+    steps: int  # decode steps after the first token (the longest row's)
+    path: str  # graph, loop or generate
+    buckets: list[int] = field(default_factory=list)  # graph/loop: the row counts it ran at
 
 
 @dataclass
@@ -87,6 +104,9 @@ class RunnerConfig:
     min_new_tokens: int = 0  # benchmarks, unconstrained only: force a fixed answer length
     prefill_chunk: int = 0  # prefill prompts this many tokens at a time (0: whole)
     first_pass_tokens: int = 0  # under the grammar: room of the first pass (0: the bound)
+    # auto: the engine's loop on CUDA graphs on a GPU, HF generate on the CPU; graph, loop
+    # (the engine's loop, never captured) or generate (HF's, today's engine) to choose.
+    generation: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunnerConfig:
@@ -97,6 +117,7 @@ class RunnerConfig:
             min_new_tokens=settings.min_new_tokens,
             prefill_chunk=settings.prefill_chunk,
             first_pass_tokens=settings.first_pass_tokens,
+            generation=settings.generation,
         )
 
 
@@ -164,6 +185,21 @@ class ModelRunner:
         self._lock = threading.Lock()  # one generate at a time on the device
         self.memory = GpuMemory(loaded, cap=memory_cap)
         self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
+        if config.generation not in GENERATION_PATHS:
+            raise ValueError(f"generation must be one of {', '.join(GENERATION_PATHS)}")
+        self.generation = config.generation
+        if self.generation == "auto":
+            self.generation = "graph" if self.on_cuda else "generate"
+        if self.generation == "graph" and not self.on_cuda:
+            self.generation = "loop"  # nothing to capture on the CPU
+        self._loop: DecodeLoop | None = None
+        # The engine's loop prepares more on the feeders' threads: the rows' multimodal
+        # positions, and on CUDA pixels in the compute dtype in pinned memory.
+        self.prepare_positions = self.generation != "generate"
+        self.timings: list[BatchTiming] = []  # the most recent batches' (benchmarks)
+        # Benchmarks: the answer length of each prepared video (by id), as if the model
+        # stopped there; with `min_new_tokens` this draws lengths from a distribution.
+        self.answer_lengths: dict[int, int] | None = None
 
     @property
     def model_id(self) -> str:
@@ -181,11 +217,35 @@ class ModelRunner:
         text = processor.apply_chat_template(
             build_messages(video.timestamps), tokenize=False, add_generation_prompt=True
         )
-        inputs = processor(text=[text], images=list(video.frames), return_tensors="pt")
-        return Prepared(dict(inputs), frames=len(video.timestamps))
+        inputs = dict(processor(text=[text], images=list(video.frames), return_tensors="pt"))
+        if self.prepare_positions:
+            inputs["position_ids"] = self.positions(inputs)
+            if self.on_cuda and "pixel_values" in inputs:
+                pixels = inputs["pixel_values"].to(self.loaded.compute_dtype)
+                inputs["pixel_values"] = pixels.pin_memory()
+        return Prepared(inputs, frames=len(video.timestamps))
 
-    def collate(self, batch: list[Prepared]) -> dict[str, Any]:
-        """Left-pad token tensors to one length; concatenate the frames' pixel tensors."""
+    def positions(self, inputs: dict[str, Any]):
+        """One video's positions as the model reads them (4 x 1 x tokens: text, then the
+        multimodal time, height and width), computed here on the CPU by the model's own
+        `get_rope_index` instead of for the whole batch on the device thread."""
+        import torch
+
+        ids = inputs["input_ids"]
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            vision = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
+        else:
+            vision, _ = _multimodal(self.loaded.model).get_rope_index(
+                ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=grid
+            )
+        text = torch.arange(ids.shape[1]).view(1, 1, -1)
+        return torch.cat([text, vision.to(text.dtype)])
+
+    def collate(self, batch: list[Prepared], device: str | None = None) -> dict[str, Any]:
+        """Left-pad token tensors to one length; concatenate the frames' pixel tensors.
+        With `device`, pinned tensors are copied there part by part (asynchronously) and
+        joined on the device."""
         import torch
 
         pad_id = self.loaded.processor.tokenizer.pad_token_id
@@ -195,12 +255,14 @@ class ModelRunner:
         out: dict[str, Any] = {}
         for key in batch[0].tensors:
             parts = [p.tensors[key] for p in batch]
-            if key in _PADDED:
+            if key in _PADDED or key == "position_ids":
                 fill = pad_id if key == "input_ids" else 0
                 rows = [
-                    torch.nn.functional.pad(t, (width - t.shape[1], 0), value=fill) for t in parts
+                    torch.nn.functional.pad(t, (width - t.shape[-1], 0), value=fill) for t in parts
                 ]
-                out[key] = torch.cat(rows)
+                out[key] = torch.cat(rows, dim=1 if key == "position_ids" else 0)
+            elif device is not None and parts[0].is_pinned():
+                out[key] = torch.cat([t.to(device, non_blocking=True) for t in parts])
             else:
                 out[key] = torch.cat(parts)
         return out
@@ -217,11 +279,13 @@ class ModelRunner:
         """Answers for prepared videos, in order, in as few batches as memory allows.
 
         Under the grammar, answers still going after the first pass are described again
-        with room for the whole bound; `ready(i, answer)` gets each finished answer of the
-        first pass before that, so its caller need not wait for the second pass."""
+        with room for the whole bound (HF generate; the engine's loop continues them from
+        where they stopped, within the batch); `ready(i, answer)` gets each finished answer
+        of the first pass before that, so its caller need not wait for the second pass."""
         answers = self._in_batches(prepared, self.first_pass_tokens)
         long = [i for i, a in enumerate(answers) if not a.finished]
-        if not long or self.first_pass_tokens == self.answer_tokens:
+        two_pass = self.generation == "generate" and self.first_pass_tokens < self.answer_tokens
+        if not long or not two_pass:
             return answers
         if ready is not None:
             for i, answer in enumerate(answers):
@@ -299,14 +363,79 @@ class ModelRunner:
         return answers
 
     def _generate(self, batch: list[Prepared], answer_tokens: int) -> list[Answer]:
-        import torch
-
         began = time.perf_counter()
-        inputs = self.collate(batch)
         device = self.loaded.device
+        inputs = self.collate(batch, device)
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.compute_dtype)
+        if self.generation in ("graph", "loop"):
+            return self._run_loop(batch, inputs, answer_tokens, began)
+        return self._run_generate(batch, inputs, answer_tokens, began)
+
+    def _run_loop(self, batch, inputs, answer_tokens: int, began: float) -> list[Answer]:
+        """The engine's own decode loop (models.decode_loop), captured on CUDA."""
+        import torch
+
+        if self._loop is None:
+            stop_ids = _as_list(self.loaded.model.generation_config.eos_token_id)
+            pad_id = self.loaded.processor.tokenizer.pad_token_id
+            graphs = self.generation == "graph"
+            pool = torch.cuda.graph_pool_handle() if graphs else None
+            self._loop = DecodeLoop(
+                self.loaded.model, stop_ids=stop_ids, pad_id=pad_id, graphs=graphs, pool=pool
+            )
+        grammar = None
+        if self.grammar is not None:
+            grammar = self.grammar.masks([p.frames for p in batch])
+        prompt_len = inputs["input_ids"].shape[1]
+        rows, row_tokens = len(batch), prompt_len + answer_tokens
+        with self._lock, torch.inference_mode(), self.memory.measured(rows, row_tokens):
+            collated = time.perf_counter()
+            result = self._loop.run(
+                inputs,
+                answer_tokens=answer_tokens,
+                max_answer_tokens=max(answer_tokens, self.answer_tokens),
+                min_new_tokens=self.min_new_tokens,
+                grammar=grammar,
+                prefill_chunk=self.prefill_chunk,
+                compute_dtype=self.loaded.compute_dtype,
+                stop_after=self._stop_after(batch),
+            )
+        if self._loop.failure and self.generation == "graph":
+            # Logged once by the loop, with the reason; later batches take HF generate.
+            self.generation = "generate"
+        elapsed = time.perf_counter() - began
+        first_s = collated - began + result.prefill_s
+        path = "graph" if result.graphs else "loop"
+        self._timed(rows, elapsed, first_s, result.steps, path, result.buckets)
+        log.info(
+            "batch of %d x %d tokens in %.2f s (first token %.2f s, %d steps, buckets %s)",
+            rows,
+            prompt_len,
+            elapsed,
+            first_s,
+            result.steps,
+            result.buckets,
+        )
+        pad_id = self.loaded.processor.tokenizer.pad_token_id
+        width = max(len(t) for t in result.tokens)
+        new = torch.tensor([t + [pad_id] * (width - len(t)) for t in result.tokens])
+        return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
+
+    def _timed(self, rows, seconds, first_s, steps, path, buckets=()) -> None:
+        self.timings.append(BatchTiming(rows, seconds, first_s, steps, path, list(buckets)))
+        del self.timings[:-64]
+
+    def _stop_after(self, batch: list[Prepared]) -> list[int] | None:
+        if self.answer_lengths is None:
+            return None
+        return [self.answer_lengths.get(id(p), self.answer_tokens) for p in batch]
+
+    def _run_generate(self, batch, inputs, answer_tokens: int, began: float) -> list[Answer]:
+        """HF `generate`: the CPU's path, and the fallback where capture fails."""
+        import torch
+
         prompt_len = inputs["input_ids"].shape[1]
         options: dict[str, Any] = {
             "max_new_tokens": answer_tokens,
@@ -327,11 +456,16 @@ class ModelRunner:
             options["compile_config"] = CompileConfig(mode=self.compile)
         else:
             options["disable_compile"] = True
+        first = _FirstToken(began, synchronise=self.on_cuda)
+        options["stopping_criteria"] = [*options.get("stopping_criteria", []), first]
+        if (lengths := self._stop_after(batch)) is not None:
+            options["stopping_criteria"].append(_StopAfter(lengths, prompt_len))
         rows, row_tokens = len(batch), prompt_len + answer_tokens
         with self._lock, torch.inference_mode(), self.memory.measured(rows, row_tokens):
             out = self.loaded.model.generate(**inputs, **options)
             new = out[:, prompt_len:].cpu()
         elapsed = time.perf_counter() - began
+        self._timed(rows, elapsed, first.seconds, new.shape[1] - 1, "generate")
         log.info("batch of %d x %d tokens in %.2f s", len(batch), prompt_len, elapsed)
         return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
 
@@ -354,12 +488,50 @@ class ModelRunner:
         return answers
 
 
+class _FirstToken:
+    """A stopping criterion that never stops: it notes when the first token was chosen."""
+
+    def __init__(self, began: float, *, synchronise: bool):
+        self.began, self.synchronise = began, synchronise
+        self.seconds = 0.0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if not self.seconds:
+            if self.synchronise:
+                torch.cuda.synchronize(input_ids.device)
+            self.seconds = time.perf_counter() - self.began
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _StopAfter:
+    """Benchmarks: each row stops after its own number of answer tokens."""
+
+    def __init__(self, lengths: list[int], prompt_len: int):
+        self.lengths, self.prompt_len = lengths, prompt_len
+        self._limits = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        if self._limits is None:
+            self._limits = torch.tensor(self.lengths, device=input_ids.device)
+        return input_ids.shape[1] - self.prompt_len >= self._limits
+
+
 def report_grammar(loaded: LoadedModel) -> ReportGrammar:
     """The report grammar compiled for this model's tokenizer (one per process)."""
     from models.decoding import ReportGrammar
 
     vocab = loaded.model.config.get_text_config().vocab_size
     return ReportGrammar(loaded.processor.tokenizer, vocab)
+
+
+def _multimodal(model):
+    """The Qwen3-VL model inside the generation head (under a PEFT adapter too)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
 
 
 def _as_list(value) -> list[int]:

@@ -1,0 +1,142 @@
+"""The engine's own decode loop (models.decode_loop) on the tiny model in float32: for every
+video of a varied batch it chooses the same greedy tokens as HF `generate`, constrained and
+unconstrained, with an adapter, with rows stopping at different lengths (compaction), and
+when CUDA graph capture fails (here: there is no CUDA) it says so once and falls back."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from helpers import make_runner
+
+from models import schema
+from models.decode_loop import DecodeLoop, buckets_for
+
+
+@pytest.fixture(scope="module")
+def videos(random_videos):
+    return random_videos(7, seed=11)
+
+
+def _tokens(answers):
+    return [(a.text, a.tokens_out, a.tokens_in, a.finished) for a in answers]
+
+
+def test_buckets_are_powers_of_two_below_the_batch_and_the_batch_itself():
+    assert buckets_for(1) == [1]
+    assert buckets_for(7) == [1, 2, 4, 7]
+    assert buckets_for(128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert buckets_for(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_loop_chooses_generates_tokens_for_every_video_unconstrained(tiny_loaded, videos):
+    knobs = dict(max_new_tokens=24, batch_size=7, constrained=False)
+    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
+    loop = make_runner(tiny_loaded, generation="loop", **knobs)
+    answers = loop.answer(videos)
+    assert _tokens(answers) == _tokens(reference)
+    assert {a.tokens_out for a in answers} == {24}  # the random model never stops by itself
+    timing = loop.timings[-1]
+    assert (timing.path, timing.rows, timing.steps) == ("loop", 7, 23)
+    assert 0 < timing.first_token_s < timing.seconds
+
+
+def test_loop_chooses_generates_tokens_under_the_grammar_and_continues_long_answers(
+    tiny_loaded, random_videos
+):
+    batch = random_videos(4, seed=5)
+    # generate: one pass with room for the grammar's longest answer. The loop: room for 40
+    # tokens first, then the rows still writing continue where they stopped.
+    reference = make_runner(tiny_loaded, batch_size=4, first_pass_tokens=0, generation="generate")
+    loop = make_runner(tiny_loaded, batch_size=4, first_pass_tokens=40, generation="loop")
+    expected, answers = reference.answer(batch), loop.answer(batch)
+    assert _tokens(answers) == _tokens(expected)
+    for answer, video in zip(answers, batch, strict=True):
+        report = schema.Report.model_validate(json.loads(answer.text))
+        assert all(h.frame < len(video.timestamps) for h in report.hazards)
+    assert all(a.finished for a in answers) and min(a.tokens_out for a in answers) > 40
+    timing = loop.timings[-1]
+    assert len(timing.buckets) >= 2, timing  # grown past the first room, and/or compacted
+    assert timing.steps == max(a.tokens_out for a in answers) - 1
+
+
+def test_rows_that_stop_early_are_compacted_away_with_the_same_tokens(tiny_loaded, videos):
+    knobs = dict(max_new_tokens=30, min_new_tokens=30, batch_size=7, constrained=False)
+    lengths = [30, 3, 9, 2, 17, 5, 1]
+    results = {}
+    for path in ("generate", "loop"):
+        runner = make_runner(tiny_loaded, generation=path, **knobs)
+        prepared = [runner.prepare(v) for v in videos]
+        runner.answer_lengths = {id(p): n for p, n in zip(prepared, lengths, strict=True)}
+        results[path] = (runner.generate(prepared), runner.timings[-1])
+    (expected, _), (answers, timing) = results["generate"], results["loop"]
+    assert [a.tokens_out for a in answers] == lengths
+    assert _tokens(answers) == _tokens(expected)
+    # 7 rows, then 4 once 3 have stopped (by token 5), then 2, then 1 (after token 17).
+    assert timing.buckets == [7, 4, 2, 1]
+    assert timing.steps == 29
+
+
+def test_loop_with_an_adapter_chooses_generates_tokens(tiny_model, videos, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from models.loader import load_model
+
+    base = load_model(str(tiny_model), quant="fp32").model
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    loaded = load_model(str(tiny_model), quant="fp32", adapter=str(tmp_path / "adapter"))
+    knobs = dict(max_new_tokens=12, batch_size=7, constrained=False)
+    reference = make_runner(loaded, generation="generate", **knobs).answer(videos)
+    assert _tokens(make_runner(loaded, generation="loop", **knobs).answer(videos)) == _tokens(
+        reference
+    )
+    plain = make_runner(load_model(str(tiny_model), quant="fp32"), generation="loop", **knobs)
+    assert [a.text for a in plain.answer(videos)] != [a.text for a in reference]
+
+
+def test_a_failed_capture_is_logged_once_and_later_batches_take_generate(
+    tiny_loaded, videos, caplog
+):
+    knobs = dict(max_new_tokens=8, batch_size=7, constrained=False)
+    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
+    runner = make_runner(tiny_loaded, generation="loop", **knobs)
+    # As on a GPU whose capture fails: here torch.cuda.CUDAGraph itself cannot be made.
+    stop = [tiny_loaded.model.generation_config.eos_token_id]
+    pad = tiny_loaded.processor.tokenizer.pad_token_id
+    runner._loop = DecodeLoop(tiny_loaded.model, stop_ids=stop, pad_id=pad, graphs=True)
+    runner.generation = "graph"
+    with caplog.at_level(logging.WARNING, logger="models.decode_loop"):
+        first = runner.answer(videos)
+        second = runner.answer(videos)
+    assert _tokens(first) == _tokens(second) == _tokens(reference)
+    failures = [r for r in caplog.records if "capture" in r.getMessage()]
+    assert len(failures) == 1 and "failed" in failures[0].getMessage()
+    assert [t.path for t in runner.timings] == ["loop", "generate"]
+    assert runner.generation == "generate"
+
+
+def test_prepared_positions_are_the_ones_generate_computes(tiny_loaded, videos):
+    import torch
+
+    runner = make_runner(tiny_loaded, generation="loop", constrained=False)
+    collated = runner.collate([runner.prepare(v) for v in videos])
+    model = tiny_loaded.model
+    ids, mask = collated["input_ids"], collated["attention_mask"]
+    expected = model._prepare_position_ids_for_generation(
+        ids,
+        {
+            "attention_mask": mask,
+            "mm_token_type_ids": collated["mm_token_type_ids"],
+            "image_grid_thw": collated["image_grid_thw"],
+        },
+    )
+    real = mask.bool()
+    got = collated["position_ids"]
+    assert got.shape == expected.shape == (4, len(videos), ids.shape[1])
+    # Padding positions are never attended to; every real token's 4 positions agree.
+    assert torch.equal(got[:, real], expected[:, real])
