@@ -108,6 +108,7 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="also write the lines to this file")
+    parser.add_argument("--quants", default="nf4,fp16,bf16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
@@ -132,7 +133,7 @@ def main() -> int:
             vision_hidden=128,
         )
         adapter = _adapter(path, Path(tmp) / "adapter")
-        for quant in ("nf4", "fp16", "bf16"):
+        for quant in args.quants.split(","):
             for lora in (None, adapter):
                 loaded = load_model(str(path), quant=quant, adapter=str(lora) if lora else None)
                 line = check(loaded, videos, quant, "random LoRA r=8" if lora else "none")

@@ -48,6 +48,12 @@ SETTINGS = {  # name: (compute dtype, memory cap in GiB; 0 = whole card)
 
 
 _T0 = time.perf_counter()
+_PROGRESS = []  # main's save(), called with a setting's rows so far (a run cut short keeps them)
+
+
+def progress(rows: list[dict]) -> None:
+    for hook in _PROGRESS:
+        hook(rows)
 
 
 def log(message: str) -> None:
@@ -263,6 +269,8 @@ def run_batched(
     row["ms_per_step"] = round(1000 * decoding / max(steps, 1), 2)
     row["paths"] = sorted({t.path for t in timings})
     row["buckets"] = [t.buckets for t in timings if t.buckets]
+    if any(t.prefill_peak for t in timings):
+        row["prefill_peak_gib"] = round(max(t.prefill_peak for t in timings) / 2**30, 2)
     if runner._loop is not None and runner._loop.failure:
         row["capture_failure"] = runner._loop.failure
     row.update(busy)
@@ -315,6 +323,7 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
             plain[path] = run_batched(loaded, clips, args, cap, compile="", generation=path)
             rows.append(plain[path])
             log(f"{name}, {frames} frames: {path} done: {rows[-1]}")
+            progress(rows)
         if args.grammar and frames in _grammar_frames(args):
             for path in paths:
                 # Constrained answers end where the grammar says; the cost of the constraint
@@ -332,12 +341,14 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
                 constrained["grammar_cost"] = round(constrained["seconds"] / same["seconds"] - 1, 3)
                 rows += [constrained, *extra]
                 log(f"{name}, {frames} frames: {path} grammar cost {constrained['grammar_cost']}")
+                progress(rows)
         if lengths is not None and frames == int(str(args.frame_counts).split(",")[0]):
             for path in paths:
                 rows.append(
                     run_batched(loaded, clips, args, cap, "", generation=path, lengths=lengths)
                 )
                 log(f"{name}, {frames} frames: {path} with lengths done: {rows[-1]}")
+                progress(rows)
         if args.profile and frames == int(str(args.frame_counts).split(",")[0]):
             profile_first_token(loaded, clips, args, paths, Path(args.out or "throughput"))
     for mode in filter(None, args.compile.split(",")):
@@ -687,9 +698,20 @@ def main() -> int:
         if args.out:
             result = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), "rows": rows}
             result["when"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            Path(args.out + ".json").write_text(json.dumps(result, indent=2) + "\n")
+            Path(args.out + ".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
             Path(args.out + ".txt").write_text(text)
 
+    def partial(setting_rows: list[dict]) -> None:
+        done = list(rows)
+        rows[:] = done
+        text = table(done + setting_rows, gpu)
+        if args.out:
+            result = {"gpu": gpu, "torch": torch.__version__, "args": vars(args)}
+            result.update(rows=done + setting_rows, partial=True)
+            Path(args.out + ".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            Path(args.out + ".txt").write_text(text)
+
+    _PROGRESS.append(partial)
     for i, name in enumerate(args.settings.split(",")):
         rows += run_setting(name, model_dir, clips, args)
         save()

@@ -45,6 +45,7 @@ class LoopResult:
     tokens: list[list[int]]
     finished: list[bool]  # the row chose a stop token (else: it ran out of answer room)
     prefill_s: float = 0.0  # prompt in, first token chosen (the device synchronised)
+    prefill_peak: int = 0  # CUDA: the most memory allocated by then (bytes)
     decode_s: float = 0.0
     steps: int = 0  # decode steps after the first token
     buckets: list[int] = field(default_factory=list)  # the bucket of each run of steps
@@ -89,17 +90,29 @@ class _Step:
         if self.graph is not None:
             self.graph.replay()
             return self.logits[:, -1]
-        out = loop.model(**self.kwargs).logits
         self.eager_steps += 1
-        if loop.use_graphs and self.eager_steps == 1:
-            # The eager step just run was this shape's warm-up: capture the next.
-            try:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=loop.pool):
-                    logits = loop.model(**self.kwargs).logits
-                self.graph, self.logits = graph, logits
-            except Exception as e:  # the eager step stays correct, only slower
-                loop.capture_failed(e)
+        if not (loop.use_graphs and self.eager_steps == 1):
+            return loop.model(**self.kwargs).logits[:, -1]
+        # This bucket's first step is eager, on the capture stream: it is the warm-up that
+        # PyTorch asks for (cuBLAS and the allocator set up for that stream outside the
+        # capture), and a real step. The next is captured, and replayed from then on.
+        try:
+            stream, current = loop.capture_stream(), torch.cuda.current_stream()
+        except Exception as e:  # no stream, no capture: this batch goes on eagerly
+            loop.capture_failed(e)
+            return loop.model(**self.kwargs).logits[:, -1]
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            out = loop.model(**self.kwargs).logits
+        current.wait_stream(stream)
+        out.record_stream(current)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=loop.pool, stream=stream):
+                logits = loop.model(**self.kwargs).logits
+            self.graph, self.logits = graph, logits
+        except Exception as e:  # the eager step stays correct, only slower
+            loop.capture_failed(e)
         return out[:, -1]
 
 
@@ -129,6 +142,15 @@ class DecodeLoop:
         self.pool = pool
         self.failure: str | None = None  # why capture failed, once (the runner falls back)
         self.state: _State | None = None
+        self._stream = None
+
+    def capture_stream(self):
+        """The side stream every bucket's step is warmed up and captured on."""
+        import torch
+
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
 
     def capture_failed(self, error: Exception) -> None:
         self.use_graphs = False
@@ -172,6 +194,8 @@ class DecodeLoop:
         if stop_after is not None:
             result.finished = [f or stop_after[i] <= 1 for i, f in enumerate(result.finished)]
         result.prefill_s = time.perf_counter() - began
+        if device.type == "cuda":
+            result.prefill_peak = torch.cuda.max_memory_allocated(device)
         tokens, finished = result.tokens, result.finished
         decode_began = time.perf_counter()
         live = [i for i in range(rows) if not finished[i]]  # original rows still writing

@@ -70,6 +70,7 @@ class BatchTiming:
     steps: int  # decode steps after the first token (the longest row's)
     path: str  # graph, loop or generate
     buckets: list[int] = field(default_factory=list)  # graph/loop: the row counts it ran at
+    prefill_peak: int = 0  # graph/loop on CUDA: peak bytes allocated when the first token came
 
 
 @dataclass
@@ -409,6 +410,7 @@ class ModelRunner:
         first_s = collated - began + result.prefill_s
         path = "graph" if result.graphs else "loop"
         self._timed(rows, elapsed, first_s, result.steps, path, result.buckets)
+        self.timings[-1].prefill_peak = result.prefill_peak
         log.info(
             "batch of %d x %d tokens in %.2f s (first token %.2f s, %d steps, buckets %s)",
             rows,
