@@ -264,14 +264,18 @@ class DecodeLoop:
 
     # -- buffers --------------------------------------------------------------------------
 
-    def _allocate(self, rows: int, slots: int, device, dtype) -> _State:
+    def _allocate(self, rows: int, slots: int, device, dtype, *, now: bool = False) -> _State:
+        """Buffers for `rows` rows of `slots` cache slots. The cache itself is allocated by
+        the prefill, layer by layer as it reaches them (as `generate` does), unless `now`:
+        so the vision tower's activations never coincide with the whole cache."""
         import torch
         from transformers import StaticCache
 
-        text = self.model.config.get_text_config()
-        head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
         cache = StaticCache(config=self.model.config, max_cache_len=slots)
-        cache.early_initialization(rows, text.num_key_value_heads, head_dim, dtype, device)
+        if now:
+            text = self.model.config.get_text_config()
+            head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
+            cache.early_initialization(rows, text.num_key_value_heads, head_dim, dtype, device)
         return _State(
             cache=cache,
             input_ids=torch.full((rows, 1), self.pad_id, dtype=torch.long, device=device),
@@ -283,12 +287,12 @@ class DecodeLoop:
     def _prefill(self, inputs, min_new_tokens: int, grammar, prefill_chunk: int):
         """The prompt into the cache and each row's first token: the model's own forward,
         through `generate` for one token (chunked, vision tower once)."""
-        rows, width = inputs["input_ids"].shape
+        width = inputs["input_ids"].shape[1]
         options: dict[str, Any] = {
             "max_new_tokens": 1,
             "do_sample": False,
             "disable_compile": True,
-            "cache": _view_cache(self.state.cache, rows),
+            "cache": self.state.cache,  # the batch's own size: no view
         }
         if min_new_tokens:
             options["min_new_tokens"] = 1
@@ -322,7 +326,7 @@ class DecodeLoop:
         old = self.state
         device = old.input_ids.device
         index = torch.tensor(keep, device=device)
-        new = self._allocate(len(keep), slots, device, dtype)
+        new = self._allocate(len(keep), slots, device, dtype, now=True)
         used = old.mask.shape[-1]
         for src, dst in zip(old.cache.layers, new.cache.layers, strict=True):
             dst.keys[:, :, :used] = src.keys.index_select(0, index)

@@ -33,6 +33,7 @@ from models.errors import GenerationError
 from models.loader import LoadedModel, load_model
 from models.memory import GpuMemory, apply_memory_cap
 from models.prompt import PROMPT_VERSION, build_messages
+from models.vision_attention import use_runs_attention
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -194,6 +195,10 @@ class ModelRunner:
         if self.generation == "graph" and not self.on_cuda:
             self.generation = "loop"  # nothing to capture on the CPU
         self._loop: DecodeLoop | None = None
+        if self.generation == "graph":
+            # The vision tower in one attention call per run of same-sized frames (a
+            # process-wide change to the loaded model, as the compile permission is).
+            use_runs_attention(loaded.model)
         # The engine's loop prepares more on the feeders' threads: the rows' multimodal
         # positions, and on CUDA pixels in the compute dtype in pinned memory.
         self.prepare_positions = self.generation != "generate"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from unittest import mock
 
 import pytest
 from helpers import make_runner
@@ -140,3 +141,27 @@ def test_prepared_positions_are_the_ones_generate_computes(tiny_loaded, videos):
     assert got.shape == expected.shape == (4, len(videos), ids.shape[1])
     # Padding positions are never attended to; every real token's 4 positions agree.
     assert torch.equal(got[:, real], expected[:, real])
+
+
+def test_vision_runs_attention_gives_the_per_frame_features(tiny_model, random_videos):
+    import torch
+
+    from models.loader import load_model
+    from models.vision_attention import NAME, frame_runs, use_runs_attention
+
+    assert frame_runs([0, 4, 8, 12, 15, 18, 22]) == [(0, 3, 4), (12, 2, 3), (18, 1, 4)]
+    loaded = load_model(str(tiny_model), quant="fp32")
+    runner = make_runner(loaded, generation="loop", constrained=False)
+    batch = runner.collate([runner.prepare(v) for v in random_videos(5, seed=3)])
+    visual = loaded.model.model.visual
+    with torch.inference_mode():
+        before = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        assert use_runs_attention(loaded.model)
+        with mock.patch("models.vision_attention.frame_runs", wraps=frame_runs) as runs:
+            after = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    assert runs.call_count == len(visual.blocks)  # one call per block, not one per frame
+    assert visual.config._attn_implementation == NAME
+    assert loaded.model.config.get_text_config()._attn_implementation == "sdpa"
+    torch.testing.assert_close(after.pooler_output, before.pooler_output, rtol=1e-4, atol=1e-5)
+    for a, b in zip(after.deepstack_features, before.deepstack_features, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
