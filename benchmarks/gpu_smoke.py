@@ -36,10 +36,13 @@ def _texts(answers) -> list[str]:
 
 def _run(loaded, generation: str, videos, *, constrained: bool, lengths=None, **knobs):
     from models.runner import ModelRunner, RunnerConfig, report_grammar
+    from models.vision_attention import use_runs_attention
 
     config = RunnerConfig(generation=generation, **knobs)
     grammar = report_grammar(loaded) if constrained else None
     runner = ModelRunner(loaded, config, grammar=grammar)
+    if runner.generation == "graph":
+        use_runs_attention(loaded.model)  # as models.runner.build_runner does
     prepared = [runner.prepare(v) for v in videos]
     if lengths is not None:
         runner.answer_lengths = {id(p): n for p, n in zip(prepared, lengths, strict=True)}

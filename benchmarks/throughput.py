@@ -187,6 +187,7 @@ def run_batched(
     from models.compat import allow_compiling_nf4
     from models.memory import apply_memory_cap
     from models.runner import ModelRunner, RunnerConfig, report_grammar
+    from models.vision_attention import use_runs_attention
     from video.media import sample_frames
     from worker.batcher import Batcher
 
@@ -205,6 +206,8 @@ def run_batched(
         allow_compiling_nf4(loaded.model)
     grammar = report_grammar(loaded) if constrained else None
     runner = ModelRunner(loaded, config, grammar=grammar, memory_cap=cap)
+    if runner.generation == "graph":
+        use_runs_attention(loaded.model)
     if constrained and args.grammar_steps:
         # A random model fills every string to its bound (~2,300 tokens a report): cap the
         # answer so the grammar's per-step cost is measured over the same steps as the
@@ -404,6 +407,7 @@ def profile_first_token(loaded, clips: list[Path], args, paths: list[str], out: 
     from torch.profiler import ProfilerActivity, profile
 
     from models.runner import ModelRunner, RunnerConfig
+    from models.vision_attention import use_runs_attention
     from video.media import sample_frames
 
     with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
@@ -421,6 +425,8 @@ def profile_first_token(loaded, clips: list[Path], args, paths: list[str], out: 
             generation=path,
         )
         runner = ModelRunner(loaded, config)
+        if runner.generation == "graph":
+            use_runs_attention(loaded.model)
         runner.generate([runner.prepare(v) for v in videos[:2]])  # warm
         began = time.perf_counter()
         with ThreadPoolExecutor(os.cpu_count() or 2) as pool:

@@ -158,7 +158,19 @@ class DecodeLoop:
         self.failure = f"{type(error).__name__}: {text[0] if text else ''}"
         log.warning("CUDA graph capture of the decode step failed (%s); eager", self.failure)
 
-    def run(
+    def run(self, inputs: dict[str, Any], **options) -> LoopResult:
+        """Greedy answers for a collated batch (`inputs`: input_ids, attention_mask,
+        position_ids (4 x rows x width), mm_token_type_ids, pixel_values, image_grid_thw,
+        on the device). Room for `answer_tokens` first; rows still writing then continue
+        up to `max_answer_tokens`. `grammar`: the batch's GrammarMasks, or None.
+        `stop_after` (benchmarks): each row stops after this many tokens, as if it had
+        chosen a stop token there."""
+        try:
+            return self._run(inputs, **options)
+        finally:
+            self.state = None  # the cache goes with the batch (on out-of-memory too)
+
+    def _run(
         self,
         inputs: dict[str, Any],
         *,
@@ -170,12 +182,6 @@ class DecodeLoop:
         compute_dtype=None,
         stop_after: list[int] | None = None,
     ) -> LoopResult:
-        """Greedy answers for a collated batch (`inputs`: input_ids, attention_mask,
-        position_ids (4 x rows x width), mm_token_type_ids, pixel_values, image_grid_thw,
-        on the device). Room for `answer_tokens` first; rows still writing then continue
-        up to `max_answer_tokens`. `grammar`: the batch's GrammarMasks, or None.
-        `stop_after` (benchmarks): each row stops after this many tokens, as if it had
-        chosen a stop token there."""
         import torch
 
         began = time.perf_counter()
@@ -196,7 +202,7 @@ class DecodeLoop:
         result.prefill_s = time.perf_counter() - began
         if device.type == "cuda":
             result.prefill_peak = torch.cuda.max_memory_allocated(device)
-        tokens, finished = result.tokens, result.finished
+        finished = result.finished
         decode_began = time.perf_counter()
         live = [i for i in range(rows) if not finished[i]]  # original rows still writing
         order = list(range(rows))  # order[k]: the original row at buffer position k
@@ -245,22 +251,27 @@ class DecodeLoop:
             picked = chosen[:n].tolist()  # the one synchronisation of a step
             if grammar is not None:  # rows already finished are ignored by their matchers
                 grammar.accept(picked)
-            live = []
-            for k, token in enumerate(picked):
-                row = order[k]
-                if finished[row]:
-                    continue
-                tokens[row].append(token)
-                if token in self.stop_ids or (stop_after and len(tokens[row]) >= stop_after[row]):
-                    finished[row] = True
-                else:
-                    live.append(row)
+            live = self._record(picked, order, result, stop_after)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         result.decode_s = time.perf_counter() - decode_began
         result.graphs = self.use_graphs  # False once a capture failed
-        self.state = None  # the cache goes with the batch
         return result
+
+    def _record(self, picked, order, result: LoopResult, stop_after) -> list[int]:
+        """Each live row's new token; returns the rows (original indices) still writing."""
+        live = []
+        for k, token in enumerate(picked):
+            row = order[k]
+            if result.finished[row]:
+                continue
+            result.tokens[row].append(token)
+            long_enough = stop_after is not None and len(result.tokens[row]) >= stop_after[row]
+            if token in self.stop_ids or long_enough:
+                result.finished[row] = True
+            else:
+                live.append(row)
+        return live
 
     # -- buffers --------------------------------------------------------------------------
 

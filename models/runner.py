@@ -14,7 +14,8 @@ Work is split in two so the GPU never waits on the CPU:
 
 `build_runner` makes one per process (a describe worker's lifecycle, a training job's
 evaluation, the benchmarks): it loads the model and then takes each process-wide step
-(memory cap, compile permission, grammar) once, by name. Knows no queue and no SQL.
+(memory cap, compile permission, grammar, the vision tower's attention) once, by name.
+Knows no queue and no SQL.
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ class RunnerConfig:
 
 def build_runner(settings: Settings, *, adapter_path: str | None = None) -> ModelRunner:
     """Load the model and make this process's runner, taking each process-wide step once:
-    the GPU memory cap, the NF4 compile permission (a documented compatibility patch) and
-    the report grammar. A ModelError says what is wrong. `adapter_path`: where the
-    adapter named by FLEETSCRIBE_ADAPTER lies (resolved through the store by the caller);
-    reports record the name."""
+    the GPU memory cap, the NF4 compile permission (a documented compatibility patch), the
+    report grammar and, for the engine's graph loop, the vision tower's attention over
+    runs of frames (models.vision_attention). A ModelError says what is wrong.
+    `adapter_path`: where the adapter named by FLEETSCRIBE_ADAPTER lies (resolved through
+    the store by the caller); reports record the name."""
     loaded = load_model(
         settings.model,
         quant=settings.quant,
@@ -140,7 +142,11 @@ def build_runner(settings: Settings, *, adapter_path: str | None = None) -> Mode
     if config.compile != "off" and loaded.quant == "nf4":
         allow_compiling_nf4(loaded.model)
     grammar = report_grammar(loaded) if settings.constrained else None
-    return ModelRunner(loaded, config, grammar=grammar, memory_cap=memory_cap)
+    runner = ModelRunner(loaded, config, grammar=grammar, memory_cap=memory_cap)
+    if runner.generation == "graph":
+        # The vision tower in one attention call per run of same-sized frames.
+        use_runs_attention(loaded.model)
+    return runner
 
 
 class ModelRunner:
@@ -195,10 +201,6 @@ class ModelRunner:
         if self.generation == "graph" and not self.on_cuda:
             self.generation = "loop"  # nothing to capture on the CPU
         self._loop: DecodeLoop | None = None
-        if self.generation == "graph":
-            # The vision tower in one attention call per run of same-sized frames (a
-            # process-wide change to the loaded model, as the compile permission is).
-            use_runs_attention(loaded.model)
         # The engine's loop prepares more on the feeders' threads: the rows' multimodal
         # positions, and on CUDA pixels in the compute dtype in pinned memory.
         self.prepare_positions = self.generation != "generate"

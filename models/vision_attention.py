@@ -9,8 +9,8 @@ is one batched call here, (frames x heads x patches x dim), the same arithmetic.
 It is registered with transformers' AttentionInterface (the library's extension point)
 under a name that takes the vision blocks' variable-length path (the one flash attention
 uses: the frames' boundaries `cu_seqlens` come in, no mask), and set on the vision tower
-only; the text decoder keeps its own attention. `models.runner` applies it on CUDA for the
-engine's own loop (`FLEETSCRIBE_GENERATION=graph`).
+only; the text decoder keeps its own attention. `models.runner.build_runner` applies it,
+a process-wide step, for the engine's graph loop (CUDA, `FLEETSCRIBE_GENERATION=auto|graph`).
 """
 
 from __future__ import annotations
