@@ -13,7 +13,15 @@ import pytest
 import redis
 from helpers import start_enqueue
 from sqlalchemy import func, select
-from test_pipeline import _env, _one_report_each, _run, _states, _wait_for, running_worker
+from test_pipeline import (
+    _env,
+    _one_report_each,
+    _run,
+    _states,
+    _wait_for,
+    running_worker,
+    upgrade_store,
+)
 
 from broker.celery_app import queue_depths
 from config.settings import Settings
@@ -56,7 +64,7 @@ def test_the_first_message_leaves_while_the_archive_is_still_being_found(
     never exceeded and the rest waits in SQL."""
     paths = [str(p) for p in distinct_clips(tmp_path / "archive", 300)]
     env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
-    assert _run(["db", "upgrade"], env).returncode == 0
+    upgrade_store(env)
     settings = Settings(
         broker_url=redis_url, database_url=pg_url, home=tmp_path / "home", queue_window=40
     )
@@ -108,7 +116,7 @@ def test_a_killed_producer_is_resumed_by_the_same_command_without_probing_again(
     distinct_clips(folder, 400)
     env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
     env.update(FLEETSCRIBE_PROBE_PROCESSES="1", FLEETSCRIBE_QUEUE_WINDOW="1000")
-    assert _run(["db", "upgrade"], env).returncode == 0
+    upgrade_store(env)
     producer = start_enqueue(env, folder)
     recorded = select(func.count()).select_from(Submission)
     deadline = time.monotonic() + 120
@@ -153,7 +161,7 @@ def test_the_broker_holds_a_window_the_workers_sweep_keeps_full(
         FLEETSCRIBE_HEARTBEAT_S="1",
         OMP_NUM_THREADS="1",
     )
-    assert _run(["db", "upgrade"], env).returncode == 0
+    upgrade_store(env)
     sent = _run(["producer", "enqueue", str(tmp_path / "archive")], env)
     assert sent.returncode == 0, sent.stdout + sent.stderr
     assert "6 videos sent" in sent.stdout and "24 wait in the backlog" in sent.stdout

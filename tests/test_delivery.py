@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 from helpers import start_enqueue, upgrade_url
 from sqlalchemy import func, select
-from test_pipeline import _env, _one_report_each, _run, _states, _wait_for, running_worker
+from test_pipeline import (
+    _env,
+    _one_report_each,
+    _run,
+    _states,
+    _wait_for,
+    running_worker,
+    upgrade_store,
+)
 
 from db.models import Report, Video, VideoState
 from db.session import make_engine, make_sessionmaker
@@ -76,7 +84,7 @@ def test_a_producer_killed_while_the_broker_hangs_strands_nothing(
     hung = HangingBroker()
     env = _env(tmp_path / "home", f"redis://127.0.0.1:{hung.port}/0", pg_url, tiny_model)
     env.update(FLEETSCRIBE_CONSTRAINED="false", FLEETSCRIBE_MAX_NEW_TOKENS="4")
-    assert _run(["db", "upgrade"], env).returncode == 0
+    upgrade_store(env)
     producer = start_enqueue(env, folder)
     try:
         deadline = time.monotonic() + 120
@@ -126,9 +134,8 @@ def test_a_killed_workers_videos_come_back_within_two_minutes(
         FLEETSCRIBE_SWEEP_S="3",
         FLEETSCRIBE_VISIBILITY_TIMEOUT="1800",
     )
-    assert _run(["db", "upgrade"], env).returncode == 0
     log = tmp_path / "worker.log"
-    with running_worker(env, log) as first:
+    with running_worker(env, log) as first:  # upgrades the store before the worker starts
         sent = _run(["producer", "enqueue", str(folder)], env)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         _wait_for(
@@ -178,9 +185,8 @@ def test_a_shutdown_invents_no_failure(signals, tmp_path, tiny_model, redis_url,
         FLEETSCRIBE_HEARTBEAT_S="2",
         FLEETSCRIBE_SWEEP_S="3",
     )
-    assert _run(["db", "upgrade"], env).returncode == 0
     log = tmp_path / "worker.log"
-    with running_worker(env, log) as first:
+    with running_worker(env, log) as first:  # upgrades the store before the worker starts
         sent = _run(["producer", "enqueue", str(folder)], env)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         _wait_for(lambda: _states(pg_url).get("running", 0) >= 2, 120, "videos in flight", log)

@@ -28,30 +28,37 @@ def _clip(path: Path, seed: int) -> Path:
     return make_video(path, seconds=1, fps=8, width=96, height=64, seed=seed)
 
 
-@pytest.fixture
-def failures_store(db_url, tmp_path):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def failures_store(request, tmp_path_factory):
     """A store, made through the CLI from generated files: batch 1 has a good clip, two
     empty files, a text file and a missing path; batch 2 an empty file; then the good clip
-    fails in a worker (recorded as a worker records it)."""
+    fails in a worker (recorded as a worker records it). Built once per database for the
+    module: its tests only list it (`producer failures` reads). Yields (env, engine, the
+    folder holding the inputs)."""
+    root = tmp_path_factory.mktemp(f"failures-{request.param}")
+    if request.param == "sqlite":
+        db_url = f"sqlite:///{root / 'fleetscribe.db'}"
+    else:
+        db_url = request.getfixturevalue("module_pg_url")
     env = {"FLEETSCRIBE_DATABASE_URL": db_url}
-    assert run_cli(["db", "upgrade", "--wait", "5"], tmp_path, env).returncode == 0
-    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli(["db", "upgrade", "--wait", "5"], root, env).returncode == 0
+    first, second = root / "first", root / "second"
     good = _clip(first / "good.mp4", seed=1)
     (first / "empty_a.mp4").write_bytes(b"")
     (first / "empty_b.mkv").write_bytes(b"")
     (first / "notes.mp4").write_text("not a video at all\n")
     second.mkdir()
     (second / "empty_c.mp4").write_bytes(b"")
-    one = run_cli(["producer", "enqueue", str(first), str(first / "gone.mp4")], tmp_path, env)
+    one = run_cli(["producer", "enqueue", str(first), str(first / "gone.mp4")], root, env)
     assert one.returncode == 1, one.stdout + one.stderr  # gone.mp4 does not exist
-    two = run_cli(["producer", "enqueue", str(second)], tmp_path, env)
+    two = run_cli(["producer", "enqueue", str(second)], root, env)
     assert two.returncode == 0, two.stdout + two.stderr
     engine = make_engine(db_url)
     with session_scope(make_sessionmaker(engine)) as session:
         video = session.query(Video).filter(Video.path == str(good)).one()
         video.attempts = 2
         store.record_failure(session=session, video_id=video.id, reason=DECODE_REASON)
-    yield env, engine
+    yield env, engine, root
     engine.dispose()
 
 
@@ -74,7 +81,7 @@ def _reference(engine, where: str = "", params: dict | None = None):
 
 
 def test_failures_json_has_counts_by_reason_then_every_video(failures_store, tmp_path):
-    env, engine = failures_store
+    env, engine, _ = failures_store
     out = run_cli(["producer", "failures", "--format", "json"], tmp_path, env)
     assert out.returncode == 0, out.stderr
     listing = json.loads(out.stdout)
@@ -95,7 +102,7 @@ def test_failures_json_has_counts_by_reason_then_every_video(failures_store, tmp
 
 
 def test_failures_csv_parses_back_to_the_rows(failures_store, tmp_path):
-    env, engine = failures_store
+    env, engine, _ = failures_store
     out = run_cli(["producer", "failures", "--format", "csv"], tmp_path, env)
     assert out.returncode == 0, out.stderr
     header, *body = list(csv.reader(io.StringIO(out.stdout)))
@@ -105,7 +112,7 @@ def test_failures_csv_parses_back_to_the_rows(failures_store, tmp_path):
 
 
 def test_failures_table_shows_counts_then_rows(failures_store, tmp_path):
-    env, engine = failures_store
+    env, engine, _ = failures_store
     out = run_cli(["producer", "failures"], tmp_path, env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -120,11 +127,11 @@ def test_failures_table_shows_counts_then_rows(failures_store, tmp_path):
     assert lines[-1] == "1 failed, 5 rejected (all batches)"
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("failures_store", ["sqlite"], indirect=True)
 def test_failures_lists_a_page_and_counts_the_rest(failures_store, tmp_path):
     """--limit keeps the listing short on a store with tens of thousands of failures;
     the counts, and the totals line, stay whole."""
-    env, engine = failures_store
+    env, engine, _ = failures_store
     _counts, rows = _reference(engine)
     out = run_cli(["producer", "failures", "--limit", "2"], tmp_path, env)
     assert out.returncode == 0, out.stderr
@@ -136,9 +143,9 @@ def test_failures_lists_a_page_and_counts_the_rest(failures_store, tmp_path):
     assert len(json.loads(every.stdout)["videos"]) == len(rows)
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("failures_store", ["sqlite"], indirect=True)
 def test_failures_filter_by_reason_and_batch(failures_store, tmp_path):
-    env, engine = failures_store
+    env, engine, inputs = failures_store
 
     def listed(*args: str) -> dict:
         out = run_cli(["producer", "failures", *args, "--format", "json"], tmp_path, env)
@@ -157,7 +164,7 @@ def test_failures_filter_by_reason_and_batch(failures_store, tmp_path):
     assert listed("--reason", "%") == {"reasons": [], "videos": []}
     batch2 = listed("--batch", "2")
     assert [(v["path"], v["reason"]) for v in batch2["videos"]] == [
-        (str(tmp_path / "second" / "empty_c.mp4"), "empty file (0 bytes)")
+        (str(inputs / "second" / "empty_c.mp4"), "empty file (0 bytes)")
     ]
     none = run_cli(["producer", "failures", "--batch", "2", "--reason", "killed"], tmp_path, env)
     assert none.stdout.splitlines() == [

@@ -67,10 +67,13 @@ def _store_view(database: str) -> tuple[list[str], int, list[str]]:
     return hosts, tokens, reasons
 
 
-@pytest.fixture
-def described(tmp_path, tiny_model, redis_url, pg_url):
+@pytest.fixture(scope="module")
+def described(tmp_path_factory, tiny_model, module_redis_url, module_pg_url):
     """A real worker with metrics on, after it described two videos and turned one away
-    (its file changed after it was enqueued); yields (port, env, log)."""
+    (its file changed after it was enqueued); yields (port, env, log). Started once for
+    the module: its tests only read its /metrics and the store."""
+    tmp_path = tmp_path_factory.mktemp("described")
+    redis_url, pg_url = module_redis_url, module_pg_url
     port = _free_port()
     env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
     env.update(
@@ -98,8 +101,9 @@ def described(tmp_path, tiny_model, redis_url, pg_url):
         yield port, env, log
 
 
-def test_the_worker_s_metrics_match_the_store(described, pg_url):
+def test_the_worker_s_metrics_match_the_store(described, module_pg_url):
     port, _, _ = described
+    pg_url = module_pg_url
     hosts, tokens, reasons = _store_view(pg_url)
     page = _get(f"http://127.0.0.1:{port}/metrics")
     samples = _samples(page)
@@ -155,10 +159,11 @@ def _prometheus_config(shipped: Path, target: str, folder: Path) -> Path:
 
 
 def test_a_real_prometheus_scrapes_the_worker_with_the_shipped_configuration(
-    described, pg_url, tmp_path
+    described, module_pg_url, tmp_path
 ):
     binary = system_tool("prometheus", "prometheus")
     port, _, _ = described
+    pg_url = module_pg_url
     hosts, _tokens, _reasons = _store_view(pg_url)
     config = _prometheus_config(SCRAPE_CONFIG, f"127.0.0.1:{port}", tmp_path)
     web = _free_port()

@@ -18,6 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from helpers import upgrade_url
 from report_checks import assert_valid_stored_report
 from sqlalchemy import func, select
 
@@ -154,7 +155,17 @@ def _inputs(folder: Path) -> tuple[list[Path], dict[str, str], tuple[Path, Path]
 
 
 def upgrade_store(env: dict[str, str]) -> None:
-    """`python -m db upgrade` on the database `env` names (a no-op once at head)."""
+    """The database `env` names brought to head as `python -m db upgrade` does (a no-op
+    once at head). A URL given in `env` itself is upgraded in this process (the same
+    db.migrate.upgrade, without a second of interpreter and import start-up per worker
+    started); any other (the embedded default, a URL in a secrets folder) through the CLI.
+    The command itself is tested in test_migrations.py and test_cli_slips.py."""
+    url = env.get("FLEETSCRIBE_DATABASE_URL", "")
+    if url.startswith(("sqlite:", "postgresql:", "postgresql+")) and (
+        "FLEETSCRIBE_SECRETS_DIR" not in env
+    ):
+        upgrade_url(url)
+        return
     out = _run(["db", "upgrade"], env)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -5,7 +5,9 @@ attempt's. Real parts: Redis (the broker), PostgreSQL (the store), Celery worker
 
 from __future__ import annotations
 
+import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from celery.result import AsyncResult
 from helpers import upgrade_url
 from test_training_job import (
     cli,
+    reap,
     start_worker,
     stop,
     store_of,
@@ -150,19 +153,28 @@ def test_a_warm_shutdown_checkpoints_and_gives_the_run_back_and_cancel_keeps_the
             timeout=300,
             log=second_log,
         )
-    finally:
+    except BaseException:
         stop(second)
+        raise
+    # The worker's warm shutdown (seconds) runs beside the commands below, which only read
+    # the store (side by side too); it is waited for after them.
+    os.killpg(second.pid, signal.SIGTERM)
+    try:
+        commands = [("cancel", "stoppable"), ("status", "nope"), ("cancel", "nope")]
+        with ThreadPoolExecutor(len(commands)) as threads:
+            again, unknown, missing = threads.map(
+                lambda args: cli(env, "-m", "training", *args), commands
+            )
+    finally:
+        reap(second)
     assert run.reason == f"cancelled at step {run.step}; its last checkpoint is kept"
     assert stopped_at + 2 <= run.step < 200
     assert run.checkpoint_path.endswith(f"checkpoint-{run.step}")
     assert Path(run.checkpoint_path, "adapter_model.safetensors").exists()
     assert "resuming from" in second_log.read_text()
-    again = cli(env, "-m", "training", "cancel", "stoppable")
     assert again.returncode == 0 and "is already cancelled" in again.stdout
-    unknown = cli(env, "-m", "training", "status", "nope")
     assert unknown.returncode == 2
     assert unknown.stderr.splitlines()[-1] == "error: no training run named 'nope'"
-    missing = cli(env, "-m", "training", "cancel", "nope")
     assert (
         missing.returncode == 2
         and missing.stderr.splitlines()[-1] == "error: no training run named 'nope'"
