@@ -722,12 +722,11 @@ def main() -> int:
             Path(args.out + ".txt").write_text(text)
 
     def partial(setting_rows: list[dict]) -> None:
-        done = list(rows)
-        rows[:] = done
-        text = table(done + setting_rows, gpu)
+        """The rows of the settings done, and of the one running so far."""
+        text = table(rows + setting_rows, gpu)
         if args.out:
             result = {"gpu": gpu, "torch": torch.__version__, "args": vars(args)}
-            result.update(rows=done + setting_rows, partial=True)
+            result.update(rows=rows + setting_rows, partial=True)
             Path(args.out + ".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
             Path(args.out + ".txt").write_text(text)
 
