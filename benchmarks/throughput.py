@@ -284,6 +284,7 @@ def run_batched(
         row["capture_failure"] = runner._loop.failure
     row.update(busy)
     row["frames"] = args.frames
+    row["generation"] = generation
     return row
 
 
@@ -325,7 +326,8 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
         log(f"{name}: seed's way done: {rows[-1]}")
     paths = args.paths.split(",")
     lengths = answer_lengths(args.lengths, len(clips), args.new_tokens) if args.lengths else None
-    for frames in [int(f) for f in str(args.frame_counts).split(",")]:
+    counts = _counts(args.frame_counts)
+    for frames in counts:
         args.frames = frames
         plain: dict[str, dict] = {}
         for path in paths:
@@ -351,14 +353,14 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
                 rows += [constrained, *extra]
                 log(f"{name}, {frames} frames: {path} grammar cost {constrained['grammar_cost']}")
                 progress(rows)
-        if lengths is not None and frames == int(str(args.frame_counts).split(",")[0]):
+        if lengths is not None and frames == counts[0]:
             for path in paths:
                 rows.append(
                     run_batched(loaded, clips, args, cap, "", generation=path, lengths=lengths)
                 )
                 log(f"{name}, {frames} frames: {path} with lengths done: {rows[-1]}")
                 progress(rows)
-        if args.profile and frames == int(str(args.frame_counts).split(",")[0]):
+        if args.profile and frames == counts[0]:
             chosen = args.profile.split(",")
             profile_first_token(loaded, clips, args, chosen, Path(args.out or "throughput"))
     for mode in filter(None, args.compile.split(",")):
@@ -383,17 +385,21 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
     return rows
 
 
+def _counts(text: str) -> list[int]:
+    """ "8,12" -> [8, 12] (--frames, --grammar-frames)."""
+    return [int(f) for f in str(text).split(",")]
+
+
 def _grammar_frames(args) -> set[int]:
-    return {int(f) for f in str(args.grammar_frames or args.frame_counts).split(",")}
+    return set(_counts(args.grammar_frames or args.frame_counts))
 
 
 def _generate_twin(rows: list[dict], row: dict) -> dict | None:
     """The `engine (generate)` row run like `row` (same frames, grammar, lengths)."""
-    if not row.get("path", "").startswith("engine (") or "(generate)" in row["path"]:
+    generation = row.get("generation")
+    if generation in (None, "generate"):
         return None
-    twin = row["path"].replace(
-        f"engine ({row['path'].split('(')[1].split(')')[0]})", "engine (generate)"
-    )
+    twin = row["path"].replace(f"engine ({generation})", "engine (generate)", 1)
     for other in rows:
         if other.get("path") == twin and other.get("frames") == row.get("frames"):
             return other
@@ -692,7 +698,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
     args = parser.parse_args()
     args.feeders = args.feeders or 2 * args.batch_size
-    args.frames = int(str(args.frame_counts).split(",")[0])
+    args.frames = _counts(args.frame_counts)[0]
 
     import torch
 

@@ -46,7 +46,6 @@ class LoopResult:
     finished: list[bool]  # the row chose a stop token (else: it ran out of answer room)
     prefill_s: float = 0.0  # prompt in, first token chosen (the device synchronised)
     prefill_peak: int = 0  # CUDA: the most memory allocated by then (bytes)
-    decode_s: float = 0.0
     steps: int = 0  # decode steps after the first token
     buckets: list[int] = field(default_factory=list)  # the bucket of each run of steps
     graphs: bool = False  # the steps were captured and replayed (no capture failed)
@@ -67,7 +66,7 @@ class _Step:
     """One bucket's decode step over views of the batch's buffers; captured on CUDA."""
 
     def __init__(self, loop: DecodeLoop, size: int):
-        self.loop, self.size = loop, size
+        self.loop = loop
         state = loop.state
         self.cache = _view_cache(state.cache, size)
         self.kwargs = {
@@ -202,12 +201,10 @@ class DecodeLoop:
         result.prefill_s = time.perf_counter() - began
         if device.type == "cuda":
             result.prefill_peak = torch.cuda.max_memory_allocated(device)
-        finished = result.finished
-        decode_began = time.perf_counter()
-        live = [i for i in range(rows) if not finished[i]]  # original rows still writing
+        live = [i for i in range(rows) if not result.finished[i]]  # original rows still writing
         order = list(range(rows))  # order[k]: the original row at buffer position k
         steps: dict[int, _Step] = {}
-        capacity, bucket, room, written = rows, rows, answer_tokens, 1
+        sizes, bucket, room, written = buckets_for(rows), rows, answer_tokens, 1
         while live:
             keep = None
             if written >= room:
@@ -219,9 +216,10 @@ class DecodeLoop:
                 room = max_answer_tokens
                 self._grow(keep, width + room, compute_dtype)
                 state, steps = self.state, {}
-                capacity = bucket = len(keep)
+                bucket = len(keep)
+                sizes = buckets_for(bucket)
             else:
-                smaller = min(b for b in buckets_for(capacity) if b >= len(live))
+                smaller = min(b for b in sizes if b >= len(live))
                 if smaller < bucket:
                     keep = [order.index(i) for i in live]
                     self._compact(keep)
@@ -252,9 +250,6 @@ class DecodeLoop:
             if grammar is not None:  # rows already finished are ignored by their matchers
                 grammar.accept(picked)
             live = self._record(picked, order, result, stop_after)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        result.decode_s = time.perf_counter() - decode_began
         result.graphs = self.use_graphs  # False once a capture failed
         return result
 

@@ -115,6 +115,13 @@ def load_model(
     return LoadedModel(net, processor, model, label, quant, device, dtype)
 
 
+def vision_language_model(model):
+    """The Qwen3-VL model inside the generation head (vision tower, text decoder, rope
+    index), under a PEFT adapter too; None for a model without one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "model", None)
+
+
 def check_source(model: str) -> None:
     looks_local = model.startswith(("/", ".", "~")) or os.sep in model.strip("/").replace(
         "/", os.sep, 1

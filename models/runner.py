@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from models.compat import allow_compiling_nf4
 from models.decode_loop import DecodeLoop
 from models.errors import GenerationError
-from models.loader import LoadedModel, load_model
+from models.loader import LoadedModel, load_model, vision_language_model
 from models.memory import GpuMemory, apply_memory_cap
 from models.prompt import PROMPT_VERSION, build_messages
 from models.vision_attention import use_runs_attention
@@ -244,7 +244,7 @@ class ModelRunner:
         if grid is None:
             vision = torch.arange(ids.shape[1]).view(1, 1, -1).expand(3, 1, -1)
         else:
-            vision, _ = _multimodal(self.loaded.model).get_rope_index(
+            vision, _ = vision_language_model(self.loaded.model).get_rope_index(
                 ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=grid
             )
         text = torch.arange(ids.shape[1]).view(1, 1, -1)
@@ -416,8 +416,11 @@ class ModelRunner:
         elapsed = time.perf_counter() - began
         first_s = collated - began + result.prefill_s
         path = "graph" if result.graphs else "loop"
-        self._timed(rows, elapsed, first_s, result.steps, path, result.buckets)
-        self.timings[-1].prefill_peak = result.prefill_peak
+        self._timed(
+            BatchTiming(
+                rows, elapsed, first_s, result.steps, path, result.buckets, result.prefill_peak
+            )
+        )
         log.info(
             "batch of %d x %d tokens in %.2f s (first token %.2f s, %d steps, buckets %s)",
             rows,
@@ -432,8 +435,8 @@ class ModelRunner:
         new = torch.tensor([t + [pad_id] * (width - len(t)) for t in result.tokens])
         return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
 
-    def _timed(self, rows, seconds, first_s, steps, path, buckets=()) -> None:
-        self.timings.append(BatchTiming(rows, seconds, first_s, steps, path, list(buckets)))
+    def _timed(self, timing: BatchTiming) -> None:
+        self.timings.append(timing)
         del self.timings[:-64]
 
     def _stop_after(self, batch: list[Prepared]) -> list[int] | None:
@@ -474,7 +477,7 @@ class ModelRunner:
             out = self.loaded.model.generate(**inputs, **options)
             new = out[:, prompt_len:].cpu()
         elapsed = time.perf_counter() - began
-        self._timed(rows, elapsed, first.seconds, new.shape[1] - 1, "generate")
+        self._timed(BatchTiming(rows, elapsed, first.seconds, new.shape[1] - 1, "generate"))
         log.info("batch of %d x %d tokens in %.2f s", len(batch), prompt_len, elapsed)
         return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
 
@@ -535,12 +538,6 @@ def report_grammar(loaded: LoadedModel) -> ReportGrammar:
 
     vocab = loaded.model.config.get_text_config().vocab_size
     return ReportGrammar(loaded.processor.tokenizer, vocab)
-
-
-def _multimodal(model):
-    """The Qwen3-VL model inside the generation head (under a PEFT adapter too)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
 
 
 def _as_list(value) -> list[int]:

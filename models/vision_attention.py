@@ -69,8 +69,9 @@ def use_runs_attention(model) -> bool:
     the model has no such tower or already uses a flash attention of its own."""
     from transformers import AttentionInterface
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    visual = getattr(getattr(base, "model", None), "visual", None)
+    from models.loader import vision_language_model
+
+    visual = getattr(vision_language_model(model), "visual", None)
     if visual is None:
         return False
     current = visual.config._attn_implementation
