@@ -217,3 +217,21 @@ def test_uniform_indices_are_slice_centres_without_repeats():
             assert len(picked) == min(count, k)
             assert picked == sorted(set(picked))
             assert picked[0] >= 0 and picked[-1] < count
+
+
+def test_decoders_use_slice_threads_never_frame_threads(clip, monkeypatch):
+    """Sampling leaves the decoder mid-stream; a frame-threaded decoder left there can hang
+    (PyAV #1849): every seek-and-decode runs on a slice-threaded stream."""
+    import video.media as media
+
+    seen = []
+    decode = media._seek_and_decode
+
+    def recording(container, stream, targets):
+        seen.append(stream.thread_type)
+        return decode(container, stream, targets)
+
+    monkeypatch.setattr(media, "_seek_and_decode", recording)
+    for sampling in ("uniform", "events"):
+        sample_frames(clip("h264.mp4", codec="libx264"), 8, sampling=sampling)
+    assert seen and all(t == av.codec.context.ThreadType.SLICE for t in seen), seen
