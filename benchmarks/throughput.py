@@ -324,7 +324,7 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
     if args.seed_videos:
         rows.append(run_seed(loaded, clips[: args.seed_videos], args))
         log(f"{name}: seed's way done: {rows[-1]}")
-    paths = args.paths.split(",")
+    paths = [p for p in args.paths.split(",") if p and p != "none"]
     lengths = answer_lengths(args.lengths, len(clips), args.new_tokens) if args.lengths else None
     counts = _counts(args.frame_counts)
     for frames in counts:
@@ -442,7 +442,7 @@ def profile_first_token(loaded, clips: list[Path], args, paths: list[str], out: 
         runner.generate(prepared)  # once unprofiled: the time the profiler does not skew
         plain = runner.timings[-1].first_token_s
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
+        with phases_named(runner), profile(activities=activities) as prof:
             began = time.perf_counter()
             runner.generate(prepared)
             if cuda:
@@ -455,15 +455,66 @@ def profile_first_token(loaded, clips: list[Path], args, paths: list[str], out: 
             "profiler; "
             f"preparing them on {os.cpu_count()} threads took {prepare_s:.2f} s (feeders' work)\n"
         )
+        named = [e for e in averages if e.key.startswith("fs::")]
+        text.append("phases (fs:: ranges, host and device time, ms):")
+        for e in sorted(named, key=lambda e: -e.cpu_time_total):
+            device_ms = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 1000
+            text.append(
+                f"  {e.key:<28} calls {e.count:>5}  host {e.cpu_time_total / 1000:>9.1f}"
+                f"  device {device_ms:>9.1f}"
+            )
         if cuda:
             text.append(
-                averages.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60)
+                averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
             )
+            text.append(
+                averages.table(
+                    sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60
+                )
+            )
+            prof.export_chrome_trace(f"{out}_profile_{path}.trace.json")
         text.append(
             averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
         )
         log(f"profile {path}: {seconds:.2f} s for {len(videos)} videos")
     Path(f"{out}_profile.txt").write_text("\n".join(text))
+
+
+@contextmanager
+def phases_named(runner):
+    """Named profiler ranges (fs::...) around the phases before the first token: collation,
+    the vision tower, the text decoder's forward, the multimodal positions."""
+    import torch
+
+    from models.loader import vision_language_model
+
+    vlm = vision_language_model(runner.loaded.model)
+    targets = [
+        (runner, "collate", "fs::collate"),
+        (vlm.visual, "forward", "fs::vision_tower"),
+        (vlm.language_model, "forward", "fs::text_decoder"),
+        (vlm, "get_rope_index", "fs::rope_index"),
+        (vlm, "get_placeholder_mask", "fs::placeholder_mask"),
+        (runner.loaded.model, "generate", "fs::hf_generate"),
+    ]
+    saved = []
+    for owner, attr, name in targets:
+        original = getattr(owner, attr)
+
+        def wrapped(*a, _original=original, _name=name, **k):
+            with torch.profiler.record_function(_name):
+                return _original(*a, **k)
+
+        saved.append((owner, attr, original, attr in vars(owner)))
+        setattr(owner, attr, wrapped)
+    try:
+        yield
+    finally:
+        for owner, attr, original, own in reversed(saved):
+            if own:  # an attribute of the object itself before: put it back
+                setattr(owner, attr, original)
+            else:  # the class's method again
+                delattr(owner, attr)
 
 
 def run_e2e(model_dir: Path, clips_dir: Path, args, runner_row: dict) -> dict:
