@@ -95,7 +95,9 @@ def _start_worker(
     cmd += ["--loglevel", loglevel] if loglevel else []
     cmd += [f"--concurrency={concurrency}"] if concurrency else []
     cmd += [f"--name={name}"] if name else []
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _STARTED.append(proc)
+    return proc
 
 
 def _stop_workers(procs: list[subprocess.Popen]) -> None:
@@ -108,6 +110,12 @@ def _stop_workers(procs: list[subprocess.Popen]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        with suppress(ValueError):
+            _STARTED.remove(proc)
+
+
+# The worker processes started by this module's helpers and not yet stopped.
+_STARTED: list[subprocess.Popen] = []
 
 
 def _audio_only(path: Path) -> Path:
@@ -253,8 +261,19 @@ def _wait_for(check, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\n{log.read_text()[-3000:]}")
+            _dump_threads()
+            pytest.fail(f"timed out waiting for {what}\n{log.read_text()[-6000:]}")
         time.sleep(0.1)
+
+
+def _dump_threads() -> None:
+    """Before a wait fails: every live worker started here logs the stack of each of its
+    threads (Celery's SIGUSR1 handler), so the failure shows where a worker was stuck."""
+    live = [proc for proc in _STARTED if proc.poll() is None]
+    for proc in live:
+        proc.send_signal(signal.SIGUSR1)
+    if live:
+        time.sleep(2)
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_doubles_nothing(
