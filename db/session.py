@@ -33,7 +33,25 @@ def make_engine(url: str, **kwargs) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # psycopg 3 is the driver we install; plain postgresql:// would look for psycopg2.
         url = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "postgresql":
+        # Bounds libpq leaves open: a URL that sets one of these keeps its own value.
+        given = kwargs.pop("connect_args", {})
+        bounds = {k: v for k, v in _PG_CONNECTION_BOUNDS.items() if k not in parsed.query}
+        kwargs["connect_args"] = bounds | given
     return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+# libpq waits for ever by default: on a server that takes the TCP connection and never
+# answers (a frozen host, a proxy with no backend), a worker's connect would hang with the
+# slot (or, in Celery's task_received, the whole consumer) it runs in; and a connection
+# whose peer vanished without a reset is only found dead by TCP keepalives.
+_PG_CONNECTION_BOUNDS = {
+    "connect_timeout": 10,  # seconds, for the whole connection start-up
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 
 
 def _sqlite_begin(conn) -> None:

@@ -565,3 +565,48 @@ def test_db_upgrade_cli_is_idempotent(db_url, tmp_path):
         assert len(versions) == 1
     finally:
         engine.dispose()
+
+
+def _connect_params(url: str) -> dict:
+    """What make_engine's engine hands the PostgreSQL driver for `url` (no connection made)."""
+    from sqlalchemy import event
+
+    engine = make_engine(url)
+    seen: dict = {}
+
+    @event.listens_for(engine, "do_connect")
+    def _record(dialect, record, cargs, cparams):
+        seen.update(cparams)
+        raise ConnectionAbortedError("recorded; not connecting")
+
+    with pytest.raises(ConnectionAbortedError):
+        engine.connect()
+    engine.dispose()
+    return seen
+
+
+def test_postgres_connections_are_bounded_and_a_url_keeps_its_own_bounds():
+    bounded = _connect_params("postgresql://postgres@127.0.0.1:5432/fleetscribe")
+    assert bounded["connect_timeout"] == 10
+    assert (bounded["keepalives"], bounded["keepalives_idle"]) == (1, 30)
+    own = _connect_params("postgresql://postgres@127.0.0.1:5432/fleetscribe?connect_timeout=3")
+    assert own["connect_timeout"] == "3"  # the URL's, as libpq reads it
+    assert own["keepalives"] == 1
+
+
+def test_a_postgres_that_takes_the_connection_and_never_answers_is_given_up_on():
+    """A server that accepts the TCP connection and never speaks (a frozen host, a proxy
+    with no backend): the connect fails after the default connect_timeout (10 s) instead of
+    holding its thread (a worker's slot, or Celery's consumer in task_received) for ever."""
+    import socket
+
+    from sqlalchemy.exc import OperationalError
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts or speaks
+        port = silent.getsockname()[1]
+        engine = make_engine(f"postgresql://postgres@127.0.0.1:{port}/x")
+        began = time.monotonic()
+        with pytest.raises(OperationalError, match="timeout"):
+            engine.connect()
+        engine.dispose()
+    assert 9 < time.monotonic() - began < 30
