@@ -30,15 +30,31 @@ def make_engine(url: str, **kwargs) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+    if parsed.get_backend_name() != "postgresql":
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    if parsed.drivername == "postgresql":
         # psycopg 3 is the driver we install; plain postgresql:// would look for psycopg2.
         url = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() == "postgresql":
-        # Bounds libpq leaves open: a URL that sets one of these keeps its own value.
-        given = kwargs.pop("connect_args", {})
-        bounds = {k: v for k, v in _PG_CONNECTION_BOUNDS.items() if k not in parsed.query}
-        kwargs["connect_args"] = bounds | given
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # Bounds libpq leaves open: a URL that sets one of these keeps its own value.
+    bounds = {k: v for k, v in _PG_CONNECTION_BOUNDS.items() if k not in parsed.query}
+    kwargs["connect_args"] = bounds | kwargs.get("connect_args", {})
+    engine = create_engine(url, pool_pre_ping=True, **kwargs)
+    options = " ".join(_as_tuple(parsed.query.get("options", "")))
+    if "idle_in_transaction_session_timeout" not in options:
+        # A SET on each new connection rather than a start-up `options` parameter, which
+        # PgBouncer refuses unless told to ignore it.
+        event.listen(engine, "connect", _end_silent_transactions)
+    return engine
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _end_silent_transactions(dbapi_conn, _record) -> None:
+    with dbapi_conn.cursor() as cur:
+        cur.execute(f"SET idle_in_transaction_session_timeout = {_IDLE_IN_XACT_MS}")
+    dbapi_conn.commit()
 
 
 # libpq waits for ever by default: on a server that takes the TCP connection and never
@@ -52,6 +68,12 @@ _PG_CONNECTION_BOUNDS = {
     "keepalives_interval": 10,
     "keepalives_count": 3,
 }
+# And the server's side: a client that vanished inside a transaction (a host that crashed,
+# a network cut that sent no reset) leaves its backend holding the transaction and its row
+# locks until the server's own TCP keepalive gives up (two hours by default); a video's
+# redelivered message waits on that lock (SELECT ... FOR UPDATE) the whole time. Our
+# transactions are short: one idle for 5 minutes inside one is ended by the server.
+_IDLE_IN_XACT_MS = 300_000
 
 
 def _sqlite_begin(conn) -> None:

@@ -594,6 +594,22 @@ def test_postgres_connections_are_bounded_and_a_url_keeps_its_own_bounds():
     assert own["keepalives"] == 1
 
 
+def _idle_in_transaction_timeout(url: str) -> str:
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        shown = conn.execute(text("SHOW idle_in_transaction_session_timeout")).scalar_one()
+    engine.dispose()
+    return shown
+
+
+def test_postgres_ends_a_transaction_whose_client_went_silent(pg_url):
+    """Every connection the engine makes has the server end a transaction left idle for
+    5 minutes (a client that vanished holding row locks); a URL may set its own."""
+    assert _idle_in_transaction_timeout(pg_url) == "5min"
+    own = "?options=-c%20idle_in_transaction_session_timeout%3D0"
+    assert _idle_in_transaction_timeout(pg_url + own) == "0"
+
+
 def test_a_postgres_that_takes_the_connection_and_never_answers_is_given_up_on():
     """A server that accepts the TCP connection and never speaks (a frozen host, a proxy
     with no backend): the connect fails after the default connect_timeout (10 s) instead of
