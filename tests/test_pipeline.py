@@ -521,7 +521,12 @@ def test_a_redis_restart_mid_run_loses_nothing(tmp_path, tiny_model, pg_url):
 
 class CuttableProxy:
     """A TCP proxy to PostgreSQL that the test can cut (every connection dropped, new ones
-    refused) and restore, to play a database that goes away for a while."""
+    refused) and restore, to play a database that goes away for a while.
+
+    Every socket is shut down before it is closed: closing alone sends nothing while the
+    other direction's thread is still blocked reading it, and PostgreSQL then kept a cut
+    connection's transaction open, with the row lock it held (a redelivered video then
+    waited on that lock for ever)."""
 
     def __init__(self, target_port: int):
         import socket
@@ -530,22 +535,25 @@ class CuttableProxy:
         self.port = _free_port()
         self.target = ("127.0.0.1", target_port)
         self._socket, self._threading = socket, threading
+        self._lock = threading.Lock()
         self._open: list = []
         self._listener = None
         self.restore()
 
     def restore(self) -> None:
         listener = self._socket.create_server(("127.0.0.1", self.port), reuse_port=False)
-        self._listener = listener
+        with self._lock:
+            self._listener = listener
         self._threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
-        self._listener.close()
-        for sock in self._open:
-            with suppress(OSError):
-                sock.shutdown(self._socket.SHUT_RDWR)
-            sock.close()
-        self._open.clear()
+        with self._lock:
+            # shutdown, not only close: it stops the listening and wakes the blocked accept
+            _shut(self._listener)
+            self._listener = None
+            for sock in self._open:
+                _shut(sock)
+            self._open.clear()
 
     def _accept(self, listener) -> None:
         while True:
@@ -554,7 +562,12 @@ class CuttableProxy:
             except OSError:
                 return  # cut
             upstream = self._socket.create_connection(self.target)
-            self._open += [client, upstream]
+            with self._lock:
+                if self._listener is not listener:  # accepted as the cut came: dropped too
+                    _shut(client)
+                    _shut(upstream)
+                    return
+                self._open += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -566,9 +579,19 @@ class CuttableProxy:
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                with suppress(OSError):
-                    sock.close()
+            _shut(src)
+            _shut(dst)
+
+
+def _shut(sock) -> None:
+    """Shut a socket down (the peer sees the end even while another thread reads it), then
+    close it."""
+    import socket
+
+    with suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with suppress(OSError):
+        sock.close()
 
 
 def test_a_database_outage_mid_run_is_retried_until_it_is_back(
