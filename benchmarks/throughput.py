@@ -227,8 +227,12 @@ def run_batched(
             pending = batcher.submit(prepared)
         return pending.result()
 
+    ends: list[tuple[float, int]] = []  # each batch's end (perf_counter) and its rows
+
     def run(paths: list[Path]):
-        batcher = Batcher(runner, wait_s=0.05)
+        batcher = Batcher(
+            runner, wait_s=0.05, on_batch=lambda rows, **_: ends.append((time.perf_counter(), rows))
+        )
         with ThreadPoolExecutor(args.feeders) as pool:
             answers = list(pool.map(lambda p: feed(batcher, p), paths))
         batcher.close()
@@ -246,6 +250,7 @@ def run_batched(
     _reset_peak()
     runner.memory.peak = 0  # the runner resets the CUDA peak each batch; it keeps its own
     runner.timings.clear()
+    ends.clear()
     began, cpu_began = time.perf_counter(), time.process_time()
     with gpu_busy() as busy:
         answers, stats = run(clips)
@@ -283,9 +288,23 @@ def run_batched(
     if runner._loop is not None and runner._loop.failure:
         row["capture_failure"] = runner._loop.failure
     row.update(busy)
+    steady = steady_s_per_video(ends)
+    if steady is not None:
+        row["steady_s_per_video"] = steady
     row["frames"] = args.frames
     row["generation"] = generation
     return row
+
+
+def steady_s_per_video(ends: list[tuple[float, int]]) -> float | None:
+    """Seconds a video once the pipeline is full: from the first batch's end to the last's,
+    over the videos of the later batches. The first batch waits for its frames to be
+    sampled with the GPU idle (a worker on a full queue does that once); later batches
+    find theirs prepared while the GPU ran. None for a single batch."""
+    if len(ends) < 2:
+        return None
+    videos = sum(rows for _, rows in ends[1:])
+    return round((ends[-1][0] - ends[0][0]) / videos, 4)
 
 
 def _row(name: str, videos: int, tokens: int, elapsed: float, batch) -> dict:
@@ -378,6 +397,10 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
         base = _generate_twin(rows, row)
         if base is not None and "s_per_video" in row:
             row["x_generate"] = round(base["s_per_video"] / row["s_per_video"], 2)
+            if "steady_s_per_video" in row and "steady_s_per_video" in base:
+                row["steady_x_generate"] = round(
+                    base["steady_s_per_video"] / row["steady_s_per_video"], 2
+                )
     del loaded
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -472,7 +495,8 @@ def profile_first_token(loaded, clips: list[Path], args, paths: list[str], out: 
                     sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60
                 )
             )
-            prof.export_chrome_trace(f"{out}_profile_{path}.trace.json")
+            if args.profile_trace:  # large: hundreds of MB for a batch of 128
+                prof.export_chrome_trace(f"{out}_profile_{path}.trace.json")
         text.append(
             averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
         )
@@ -691,6 +715,8 @@ def table(rows: list[dict], gpu: str) -> str:
         ("tokens/s", "tokens_per_s"),
         ("x seed", "x_seed"),
         ("x generate", "x_generate"),
+        ("steady s/video", "steady_s_per_video"),
+        ("steady x generate", "steady_x_generate"),
         ("frames", "frames"),
         ("first token s/video", "first_token_s_per_video"),
         ("ms/step", "ms_per_step"),
@@ -725,6 +751,7 @@ def main() -> int:
     )
     parser.add_argument("--profile", default="", help="paths to profile the first token of")
     parser.add_argument("--profile-videos", type=int, default=32)
+    parser.add_argument("--profile-trace", action="store_true", help="also a chrome trace")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="0: whole prompts")
