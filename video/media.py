@@ -355,8 +355,7 @@ def sample_frames(
         _check_size(stream.codec_context.width or 0, stream.codec_context.height or 0)
         # Slice threading, not frame threading ("AUTO"): sampling stops decoding long before
         # the end of the stream, and a frame-threaded decoder left mid-stream can hang for
-        # good (PyAV #1849, #1861; under load, one clip in about 2,000 in the load test
-        # waited out the decode timeout). Slices still use the cores within a frame.
+        # good (PyAV #1849, #1861). Slices still use the cores within a frame.
         stream.thread_type = DECODER_THREADS
         start = _stream_start(stream)
         duration = _header_duration(container, stream)
