@@ -130,7 +130,7 @@ def test_a_decoder_that_blocks_is_killed_and_the_worker_goes_on(poison_env, tmp_
         assert opened.is_set()  # the decoder really did try to open it, and blocked
         stuck = videos["stuck.mp4"]
         assert stuck.state.value == "failed"
-        assert stuck.reason == "frame decoding took longer than 4 s; killed"
+        assert stuck.reason == "frame decoding took longer than 4 s, twice; killed"
         assert videos["a.mp4"].state.value == "done" and videos["b.mp4"].state.value == "done"
 
         # the worker lives on and keeps consuming, with a fresh decoding process
@@ -152,7 +152,7 @@ def test_a_file_whose_open_blocks_is_rejected_by_the_producer_and_the_rest_are_s
         sent = _run(["producer", "enqueue", str(folder)], env, timeout=40)
         assert opened.is_set()  # the producer really did try to open it, and blocked
     assert sent.returncode == 0, sent.stdout + sent.stderr
-    reason = "probing took longer than 3 s; killed"
+    reason = "probing took longer than 3 s, twice; killed"
     assert f"rejected {folder / 'stuck.mp4'}: {reason}" in sent.stdout
     assert "2 videos sent" in sent.stdout
     videos = _videos(database)

@@ -235,3 +235,32 @@ def test_decoders_use_slice_threads_never_frame_threads(clip, monkeypatch):
     for sampling in ("uniform", "events"):
         sample_frames(clip("h264.mp4", codec="libx264"), 8, sampling=sampling)
     assert seen and all(t == av.codec.context.ThreadType.SLICE for t in seen), seen
+
+
+def _hangs_the_first_time(marker: str) -> str:
+    """In a decoding process: hangs unless `marker` exists (it makes it first)."""
+    import os
+    import time
+
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(60)
+    return "answered"
+
+
+def test_a_call_that_times_out_runs_once_more_in_a_new_process_then_fails(tmp_path):
+    import time
+
+    from video.errors import VideoError
+    from video.processes import KillablePool
+
+    pool = KillablePool(processes=1, timeout_s=2, memory_gib=0, what="frame decoding")
+    try:
+        # a hang that does not come back (a decoder's own race): the second process answers
+        assert pool.run(_hangs_the_first_time, str(tmp_path / "marker")) == "answered"
+        # one that does (a stalled mount, a loop): two timeouts, then the reason
+        with pytest.raises(VideoError) as failed:
+            pool.run(time.sleep, 30)
+        assert str(failed.value) == "frame decoding took longer than 2 s, twice; killed"
+    finally:
+        pool.close()

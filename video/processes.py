@@ -66,10 +66,18 @@ def _limit_memory(limit_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, limit_bytes))
 
 
+class _TimedOut(Exception):
+    """A call ran past the pool's timeout and its process was killed."""
+
+
 class KillablePool:
     """Spawned processes, started on first use, that run calls past which `timeout_s` they
     are killed; `run` is thread-safe and turns a timeout, a crash or the memory cap into a
-    VideoError whose message starts with `what` ("frame decoding", "probing")."""
+    VideoError whose message starts with `what` ("frame decoding", "probing").
+
+    A call that times out is run once more, in a new process, before it fails: a decoder
+    can hang on a race of its own threads (PyAV #1849) and not the next time, while a file
+    that really blocks (a stalled mount) or loops blocks again and fails after two."""
 
     def __init__(self, *, processes: int, timeout_s: float, memory_gib: float, what: str):
         self.processes = processes or os.cpu_count() or 1
@@ -103,6 +111,22 @@ class KillablePool:
 
     def run(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
         """`fn(*args, **kwargs)` in one of the processes (`fn` and its arguments pickle)."""
+        try:
+            return self._attempt(fn, args, kwargs)
+        except _TimedOut:
+            log.warning(
+                "%s took longer than %g s; killed, trying once more in a new process",
+                self.what,
+                self.timeout_s,
+            )
+        try:
+            return self._attempt(fn, args, kwargs)
+        except _TimedOut:
+            raise VideoError(
+                f"{self.what} took longer than {self.timeout_s:g} s, twice; killed"
+            ) from None
+
+    def _attempt(self, fn, args: tuple, kwargs: dict):
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._live_pool()
@@ -126,7 +150,7 @@ class KillablePool:
         try:
             return self._result(future)
         except TimeoutError:
-            raise VideoError(f"{self.what} took longer than {self.timeout_s:g} s; killed") from None
+            raise _TimedOut() from None
         except ProcessExpired as e:
             raise VideoError(f"{self.what} crashed: {_death(e.exitcode)}") from None
         except MemoryError:
