@@ -126,10 +126,12 @@ class Settings(BaseSettings):
     # The largest file the producer accepts; bigger files are rejected with a reason.
     max_video_bytes: int = Field(64 * 2**30, ge=1)
     # The producer hashes and probes each file in a child process, killed past this many
-    # seconds (a stalled mount, a file whose open blocks): the file is rejected with why.
+    # seconds (a stalled mount, a file whose open blocks) and tried once more in a new
+    # one: a second timeout rejects the file with why (video/processes.py).
     probe_timeout_s: float = Field(300.0, gt=0)
-    # Frames are decoded in child processes (worker/sampler.py): one whose video takes
-    # longer than this is killed and the video fails, so a hung decoder frees its slot.
+    # Frames are decoded in child processes (video/processes.py): one whose video takes
+    # longer than this is killed and the video decoded once more in a new one; a second
+    # timeout fails the video, so a hung decoder frees its slot.
     decode_timeout_s: float = Field(120.0, gt=0)
     # How many decoding processes a worker keeps; 0 = one per CPU core.
     decode_processes: int = Field(0, ge=0)
