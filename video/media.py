@@ -77,10 +77,6 @@ class SampledVideo:
         ]
 
 
-# How the decoder of a sampled stream uses threads (see sample_frames).
-DECODER_THREADS = "SLICE"
-
-
 def _open(path: str) -> av.container.InputContainer:
     try:
         return av.open(path, mode="r", metadata_errors="ignore")
@@ -356,7 +352,7 @@ def sample_frames(
         # Slice threading, not frame threading ("AUTO"): sampling stops decoding long before
         # the end of the stream, and a frame-threaded decoder left mid-stream can hang for
         # good (PyAV #1849, #1861). Slices still use the cores within a frame.
-        stream.thread_type = DECODER_THREADS
+        stream.thread_type = "SLICE"
         start = _stream_start(stream)
         duration = _header_duration(container, stream)
         packets = None
