@@ -28,6 +28,7 @@ Knows nothing of videos, queues or SQL: `models.runner` prepares the batch and c
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -278,6 +279,9 @@ class DecodeLoop:
         from transformers import StaticCache
 
         cache = StaticCache(config=self.model.config, max_cache_len=slots)
+        layer = _filled_layer()
+        if all(type(x) is layer.__base__ for x in cache.layers):
+            cache.layers = [layer(max_cache_len=slots) for _ in cache.layers]
         if now:
             text = self.model.config.get_text_config()
             head_dim = getattr(text, "head_dim", text.hidden_size // text.num_attention_heads)
@@ -307,7 +311,11 @@ class DecodeLoop:
             options["stopping_criteria"] = [grammar.after_step]
         if prefill_chunk and width > prefill_chunk:
             options["prefill_chunk_size"] = prefill_chunk
-        out = self.model.generate(**inputs, **options)
+        _prefilling(self.state.cache, True)
+        try:
+            out = self.model.generate(**inputs, **options)
+        finally:
+            _prefilling(self.state.cache, False)
         self.state.slot = width
         return out[:, width]
 
@@ -346,6 +354,40 @@ class DecodeLoop:
         self.state = None
         del old
         self.state = new
+
+
+@functools.cache
+def _filled_layer():
+    """transformers' static cache layer, except that while `prefilling` it gives attention
+    only the slots written so far: each chunk of a prompt then attends over the chunks
+    before it and itself, not over the whole cache (about 2,300 slots at 8 frames, most
+    of them still empty and masked). Decode steps see every slot, as the captured graphs
+    need (fixed shapes)."""
+    from transformers.cache_utils import StaticLayer
+
+    class FilledLayer(StaticLayer):
+        prefilling = False
+        filled = 0  # slots written while prefilling (the prompt goes in from slot 0)
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            if not self.prefilling:
+                return keys, values
+            self.filled += key_states.shape[-2]
+            return keys[:, :, : self.filled], values[:, :, : self.filled]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            if not self.prefilling:
+                return super().get_mask_sizes(query_length)
+            return self.filled + query_length, 0
+
+    return FilledLayer
+
+
+def _prefilling(cache, on: bool) -> None:
+    for layer in cache.layers:
+        if hasattr(layer, "prefilling"):
+            layer.prefilling = on
 
 
 def _view_cache(cache, rows: int):

@@ -100,6 +100,35 @@ def test_loop_with_an_adapter_chooses_generates_tokens(tiny_model, videos, tmp_p
     assert [a.text for a in plain.answer(videos)] != [a.text for a in reference]
 
 
+def test_chunked_prefill_attends_only_the_slots_written_so_far(tiny_loaded, videos):
+    from models import decode_loop
+
+    knobs = dict(max_new_tokens=6, batch_size=7, constrained=False, prefill_chunk=32)
+    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
+    runner = make_runner(tiny_loaded, generation="loop", **knobs)
+    layer = decode_loop._filled_layer()
+    seen = []  # the first layer's updates: (prefilling, keys handed to attention, slots)
+    update = layer.update
+
+    def spied(self, *args, **kwargs):
+        keys, values = update(self, *args, **kwargs)
+        if self is runner._loop.state.cache.layers[0]:
+            seen.append((self.prefilling, keys.shape[-2], self.max_cache_len))
+        return keys, values
+
+    with mock.patch.object(layer, "update", spied):
+        answers = runner.answer(videos)
+    assert _tokens(answers) == _tokens(reference)
+    prefill = [keys for prefilling, keys, _ in seen if prefilling]
+    slots = seen[0][2]
+    assert len(prefill) >= 3, seen  # the prompts went in in chunks of 32
+    # Each chunk attended over the chunks before it and itself, never the whole cache.
+    assert prefill == [min(32 * (i + 1), prefill[-1]) for i in range(len(prefill))]
+    assert max(a.tokens_in for a in answers) <= prefill[-1] < slots
+    # The decode steps see every slot (fixed shapes, as the captured graphs need).
+    assert {(keys, n) for prefilling, keys, n in seen if not prefilling} == {(slots, slots)}
+
+
 def test_a_failed_capture_is_logged_once_and_later_batches_take_generate(
     tiny_loaded, videos, caplog
 ):
