@@ -501,7 +501,60 @@ def profile_first_token(loaded, clips: list[Path], args, paths: list[str], out: 
             averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60)
         )
         log(f"profile {path}: {seconds:.2f} s for {len(videos)} videos")
+        if args.profile_decode and cuda and runner.generation in ("graph", "loop"):
+            text += profile_decode(runner, prepared, args.profile_decode)
+            log(f"profile {path}: {args.profile_decode} decode steps")
     Path(f"{out}_profile.txt").write_text("\n".join(text))
+
+
+def profile_decode(runner, prepared: list, steps: int) -> list[str]:
+    """torch.profiler over `steps` decode steps of the engine's loop (the profiler starts
+    once the prefill is done): eagerly, so the kernels of one step show one by one, then
+    as the runner runs them (replayed graphs, where it captures)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    text = []
+    generation, min_new = runner.generation, runner.min_new_tokens
+    answer = runner.answer_tokens, runner.first_pass_tokens
+    runner.min_new_tokens = runner.answer_tokens = runner.first_pass_tokens = steps + 1
+    try:
+        for mode in ("loop", generation):
+            runner.generation = mode
+            runner.generate(prepared[:2])  # the loop exists (and this bucket's graphs)
+            loop = runner._loop
+            loop.use_graphs = mode == "graph"
+            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            original = loop._prefill
+
+            def prefill_then_start(*a, _original=original, _prof=prof, **k):
+                out = _original(*a, **k)
+                torch.cuda.synchronize()
+                _prof.start()
+                return out
+
+            loop._prefill = prefill_then_start
+            try:
+                runner.generate(prepared)
+                torch.cuda.synchronize()
+            finally:
+                prof.stop()
+                del loop._prefill
+            timing = runner.timings[-1]
+            per_step = (timing.seconds - timing.first_token_s) / max(timing.steps, 1)
+            text.append(
+                f"\n== decode, {mode}: {len(prepared)} rows, {timing.steps} steps, "
+                f"{1000 * per_step:.1f} ms a step (profiled; buckets {timing.buckets})\n"
+            )
+            text.append(
+                prof.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70
+                )
+            )
+    finally:
+        runner.generation, runner.min_new_tokens = generation, min_new
+        runner.answer_tokens, runner.first_pass_tokens = answer
+    return text
 
 
 @contextmanager
@@ -752,6 +805,9 @@ def main() -> int:
     parser.add_argument("--profile", default="", help="paths to profile the first token of")
     parser.add_argument("--profile-videos", type=int, default=32)
     parser.add_argument("--profile-trace", action="store_true", help="also a chrome trace")
+    parser.add_argument(
+        "--profile-decode", type=int, default=0, help="also profile this many decode steps"
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="0: whole prompts")
