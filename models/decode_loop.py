@@ -161,10 +161,12 @@ class DecodeLoop:
     def run(self, inputs: dict[str, Any], **options) -> LoopResult:
         """Greedy answers for a collated batch (`inputs`: input_ids, attention_mask,
         position_ids (4 x rows x width), mm_token_type_ids, pixel_values, image_grid_thw,
-        on the device). Room for `answer_tokens` first; rows still writing then continue
+        on the device; the frames as pixels, or as the vision tower's features in
+        `mm_encoder_outputs`). Room for `answer_tokens` first; rows still writing then continue
         up to `max_answer_tokens`. `grammar`: the batch's GrammarMasks, or None.
         `stop_after` (benchmarks): each row stops after this many tokens, as if it had
-        chosen a stop token there."""
+        chosen a stop token there. `between_steps()` is called once a step, while the
+        step runs on the device (the runner encodes the next batch's frames there)."""
         try:
             return self._run(inputs, **options)
         finally:
@@ -181,6 +183,7 @@ class DecodeLoop:
         prefill_chunk: int = 0,
         compute_dtype=None,
         stop_after: list[int] | None = None,
+        between_steps=None,
     ) -> LoopResult:
         import torch
 
@@ -247,6 +250,8 @@ class DecodeLoop:
                 state.mask[:bucket, 0, 0, state.slot] = True
             written += 1
             result.steps += 1
+            if between_steps is not None:
+                between_steps()
             picked = chosen[:n].tolist()  # the one synchronisation of a step
             if grammar is not None:  # rows already finished are ignored by their matchers
                 grammar.accept(picked)

@@ -35,6 +35,7 @@ from models.loader import LoadedModel, load_model, vision_language_model
 from models.memory import GpuMemory, apply_memory_cap
 from models.prompt import PROMPT_VERSION, build_messages
 from models.vision_attention import use_runs_attention
+from models.vision_encoder import VisionEncoder, vision_inputs
 
 if TYPE_CHECKING:
     from config.settings import Settings
@@ -75,12 +76,16 @@ class BatchTiming:
     prefill_peak: int = 0  # graph/loop on CUDA: peak bytes allocated when the first token came
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: each is one video on its way
 class Prepared:
     """One video's model inputs on the CPU, ready to be padded into a batch."""
 
     tensors: dict[str, Any]  # input_ids etc. of shape (1, n); pixel_values; image_grid_thw
     frames: int = 1  # sampled frames: bounds the hazards' frame index in the grammar
+    # The engine's loop: the vision tower's inputs (models.vision_encoder.vision_inputs),
+    # and once it ran, the video's features on the device (kept until its batch's prefill).
+    vision: dict[str, Any] | None = None
+    encoded: Any = None
 
     @property
     def tokens(self) -> int:
@@ -202,8 +207,12 @@ class ModelRunner:
             self.generation = "loop"  # nothing to capture on the CPU
         self._loop: DecodeLoop | None = None
         # The engine's loop prepares more on the feeders' threads: the rows' multimodal
-        # positions, and on CUDA pixels in the compute dtype in pinned memory.
+        # positions, the vision tower's inputs, and on CUDA pixels in the compute dtype in
+        # pinned memory; it runs the vision tower itself (ahead of a batch where it can).
         self.prepare_positions = self.generation != "generate"
+        self.encoder: VisionEncoder | None = None
+        if self.prepare_positions and getattr(vision_language_model(loaded.model), "visual", None):
+            self.encoder = VisionEncoder(loaded.model, loaded.device, loaded.compute_dtype)
         self.timings: list[BatchTiming] = []  # the most recent batches' (benchmarks)
         # Benchmarks: the answer length of each prepared video (by id), as if the model
         # stopped there; with `min_new_tokens` this draws lengths from a distribution.
@@ -226,12 +235,17 @@ class ModelRunner:
             build_messages(video.timestamps), tokenize=False, add_generation_prompt=True
         )
         inputs = dict(processor(text=[text], images=list(video.frames), return_tensors="pt"))
+        prepared = Prepared(inputs, frames=len(video.timestamps))
         if self.prepare_positions:
             inputs["position_ids"] = self.positions(inputs)
-            if self.on_cuda and "pixel_values" in inputs:
-                pixels = inputs["pixel_values"].to(self.loaded.compute_dtype)
-                inputs["pixel_values"] = pixels.pin_memory()
-        return Prepared(inputs, frames=len(video.timestamps))
+            if self.encoder is not None and "pixel_values" in inputs:
+                prepared.vision = vision_inputs(self.loaded.model, inputs["image_grid_thw"])
+                if self.on_cuda:  # copied to the device asynchronously
+                    inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.compute_dtype)
+                    inputs["pixel_values"] = inputs["pixel_values"].pin_memory()
+                    for key in ("position_ids", "interp_indices", "interp_weights"):
+                        prepared.vision[key] = prepared.vision[key].pin_memory()
+        return prepared
 
     def positions(self, inputs: dict[str, Any]):
         """One video's positions as the model reads them (4 x 1 x tokens: text, then the
@@ -250,10 +264,12 @@ class ModelRunner:
         text = torch.arange(ids.shape[1]).view(1, 1, -1)
         return torch.cat([text, vision.to(text.dtype)])
 
-    def collate(self, batch: list[Prepared], device: str | None = None) -> dict[str, Any]:
-        """Left-pad token tensors to one length; concatenate the frames' pixel tensors.
-        With `device`, pinned tensors are copied there part by part (asynchronously) and
-        joined on the device."""
+    def collate(
+        self, batch: list[Prepared], device: str | None = None, skip: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """Left-pad token tensors to one length; concatenate the frames' pixel tensors
+        (unless in `skip`). With `device`, pinned tensors are copied there part by part
+        (asynchronously) and joined on the device."""
         import torch
 
         pad_id = self.loaded.processor.tokenizer.pad_token_id
@@ -262,6 +278,8 @@ class ModelRunner:
             width = math.ceil(width / _PAD_MULTIPLE) * _PAD_MULTIPLE
         out: dict[str, Any] = {}
         for key in batch[0].tensors:
+            if key in skip:
+                continue
             parts = [p.tensors[key] for p in batch]
             if key in _PADDED or key == "position_ids":
                 fill = pad_id if key == "input_ids" else 0
@@ -282,15 +300,20 @@ class ModelRunner:
         return self.generate([self.prepare(v) for v in videos])
 
     def generate(
-        self, prepared: list[Prepared], ready: Callable[[int, Answer], None] | None = None
+        self,
+        prepared: list[Prepared],
+        ready: Callable[[int, Answer], None] | None = None,
+        upcoming: Callable[[], list[Prepared]] | None = None,
     ) -> list[Answer]:
         """Answers for prepared videos, in order, in as few batches as memory allows.
 
         Under the grammar, answers still going after the first pass are described again
         with room for the whole bound (HF generate; the engine's loop continues them from
         where they stopped, within the batch); `ready(i, answer)` gets each finished answer
-        of the first pass before that, so its caller need not wait for the second pass."""
-        answers = self._in_batches(prepared, self.first_pass_tokens)
+        of the first pass before that, so its caller need not wait for the second pass.
+        `upcoming()`: the videos queued after these (the batcher's); the engine's loop
+        encodes their frames while a batch decodes."""
+        answers = self._in_batches(prepared, self.first_pass_tokens, upcoming)
         long = [i for i, a in enumerate(answers) if not a.finished]
         two_pass = self.generation == "generate" and self.first_pass_tokens < self.answer_tokens
         if not long or not two_pass:
@@ -314,12 +337,23 @@ class ModelRunner:
             answers[i] = answer
         return answers
 
-    def _in_batches(self, prepared: list[Prepared], answer_tokens: int) -> list[Answer]:
+    def _in_batches(
+        self,
+        prepared: list[Prepared],
+        answer_tokens: int,
+        upcoming: Callable[[], list[Prepared]] | None = None,
+    ) -> list[Answer]:
         answers: list[Answer] = []
         start = 0
         while start < len(prepared):
             size = self.batch_limit(max(p.tokens for p in prepared[start:]), answer_tokens)
-            answers += self._generate_or_split(prepared[start : start + size], answer_tokens)
+            rest = prepared[start + size :]
+
+            def after(rest=rest) -> list[Prepared]:
+                return rest + (upcoming() if upcoming is not None else [])
+
+            batch = prepared[start : start + size]
+            answers += self._generate_or_split(batch, answer_tokens, after)
             start += size
         return answers
 
@@ -330,12 +364,17 @@ class ModelRunner:
         fits = self.memory.rows(tokens + (answer_tokens or self.first_pass_tokens))
         return limit if fits is None else max(1, min(limit, fits))
 
-    def _generate_or_split(self, batch: list[Prepared], answer_tokens: int) -> list[Answer]:
+    def _generate_or_split(
+        self,
+        batch: list[Prepared],
+        answer_tokens: int,
+        upcoming: Callable[[], list[Prepared]] | None = None,
+    ) -> list[Answer]:
         import torch
 
         out_of_memory = False
         try:
-            return self._generate(batch, answer_tokens)
+            return self._generate(batch, answer_tokens, upcoming)
         except torch.OutOfMemoryError:
             out_of_memory = True
         except Exception as e:
@@ -370,19 +409,32 @@ class ModelRunner:
             answers += self._generate_or_split(part, answer_tokens)
         return answers
 
-    def _generate(self, batch: list[Prepared], answer_tokens: int) -> list[Answer]:
+    def _generate(
+        self,
+        batch: list[Prepared],
+        answer_tokens: int,
+        upcoming: Callable[[], list[Prepared]] | None = None,
+    ) -> list[Answer]:
         began = time.perf_counter()
         device = self.loaded.device
-        inputs = self.collate(batch, device)
+        loop = self.generation in ("graph", "loop")
+        # The engine's loop encodes the frames itself (models.vision_encoder).
+        encoded = loop and self.encoder is not None and all(p.vision for p in batch)
+        skip = ("pixel_values", "image_grid_thw") if encoded else ()
+        inputs = self.collate(batch, device, skip)
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.compute_dtype)
-        if self.generation in ("graph", "loop"):
-            return self._run_loop(batch, inputs, answer_tokens, began)
+        if loop:
+            return self._run_loop(batch, inputs, answer_tokens, began, encoded, upcoming)
         return self._run_generate(batch, inputs, answer_tokens, began)
 
-    def _run_loop(self, batch, inputs, answer_tokens: int, began: float) -> list[Answer]:
-        """The engine's own decode loop (models.decode_loop), captured on CUDA."""
+    def _run_loop(
+        self, batch, inputs, answer_tokens: int, began: float, encoded: bool, upcoming
+    ) -> list[Answer]:
+        """The engine's own decode loop (models.decode_loop), captured on CUDA; with
+        `encoded`, the vision tower run here, and the next videos' while this batch
+        decodes."""
         import torch
 
         if self._loop is None:
@@ -398,7 +450,13 @@ class ModelRunner:
             grammar = self.grammar.masks([p.frames for p in batch])
         prompt_len = inputs["input_ids"].shape[1]
         rows, row_tokens = len(batch), prompt_len + answer_tokens
+        between_steps = None
         with self._lock, torch.inference_mode(), self.memory.measured(rows, row_tokens):
+            if encoded:
+                self.encoder.encode(batch)
+                inputs["mm_encoder_outputs"] = {"image": self.encoder.outputs(batch)}
+                if upcoming is not None:
+                    between_steps = self.encoder.ahead(upcoming, self.batch_size)
             collated = time.perf_counter()
             result = self._loop.run(
                 inputs,
@@ -409,7 +467,11 @@ class ModelRunner:
                 prefill_chunk=self.prefill_chunk,
                 compute_dtype=self.loaded.compute_dtype,
                 stop_after=self._stop_after(batch),
+                between_steps=between_steps,
             )
+            inputs.pop("mm_encoder_outputs", None)
+            for prepared in batch:  # their features are in the cache now
+                prepared.encoded = None
         if self._loop.failure and self.generation == "graph":
             # Logged once by the loop, with the reason; later batches take HF generate.
             self.generation = "generate"

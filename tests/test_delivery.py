@@ -264,7 +264,7 @@ class HangingRunner:
     def batch_limit(self, tokens, answer_tokens=None) -> int:
         return 4
 
-    def generate(self, prepared, ready=None):
+    def generate(self, prepared, ready=None, upcoming=None):
         self.started.set()
         threading.Event().wait()  # for ever
 

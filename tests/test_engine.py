@@ -194,3 +194,106 @@ def test_vision_runs_attention_gives_the_per_frame_features(tiny_model, random_v
     torch.testing.assert_close(after.pooler_output, before.pooler_output, rtol=1e-4, atol=1e-5)
     for a, b in zip(after.deepstack_features, before.deepstack_features, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _spy_encodes(runner, prepared):
+    """Records each run of the vision tower: the videos (indices into `prepared`) and
+    whether a batch was decoding then (encoded ahead) or not (with its own batch)."""
+    runs = []
+    encode = runner.encoder._encode
+
+    def spied(videos):
+        decoding = runner._loop is not None and runner._loop.state is not None
+        runs.append(([prepared.index(v) for v in videos], decoding))
+        return encode(videos)
+
+    return runs, mock.patch.object(runner.encoder, "_encode", side_effect=spied)
+
+
+def test_the_next_batch_is_encoded_while_this_one_decodes(tiny_loaded, videos):
+    knobs = dict(max_new_tokens=12, batch_size=4, constrained=False)
+    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
+    runner = make_runner(tiny_loaded, generation="loop", **knobs)
+    prepared = [runner.prepare(v) for v in videos]
+    runs, spy = _spy_encodes(runner, prepared)
+    with spy:
+        first = runner.generate(prepared[:4], upcoming=lambda: prepared[4:])
+        assert all(p.encoded is not None for p in prepared[4:])  # ready for their batch
+        assert all(p.encoded is None for p in prepared[:4])  # in the cache now: dropped
+        second = runner.generate(prepared[4:])
+    assert runs == [([0, 1, 2, 3], False), ([4, 5, 6], True)]  # never encoded twice
+    assert _tokens(first + second) == _tokens(reference)
+    assert all(p.encoded is None for p in prepared)
+
+
+def test_videos_queued_later_wait_for_a_group_then_go_ahead_anyway(tiny_loaded, videos):
+    from models import vision_encoder
+
+    knobs = dict(max_new_tokens=24, batch_size=7, constrained=False)
+    runner = make_runner(tiny_loaded, generation="loop", **knobs)
+    prepared = [runner.prepare(v) for v in videos]
+    queued = []  # what the batcher holds: grows while the first batch decodes
+    steps = []  # the decode step of each look at the queue
+
+    def upcoming():
+        steps.append(len(steps))
+        if len(steps) == 4:  # two arrive at the fourth step
+            queued.extend(prepared[5:])
+        return queued
+
+    runs, spy = _spy_encodes(runner, prepared)
+    looks = []  # how many looks at the queue came before each run of the tower
+    with spy, mock.patch.object(vision_encoder, "GROUP", 4):
+        encode = runner.encoder._encode
+        with mock.patch.object(
+            runner.encoder, "_encode", side_effect=lambda v: (looks.append(len(steps)), encode(v))
+        ):
+            runner.generate(prepared[:5], upcoming=upcoming)
+    # Fewer than a group: they waited _GATHER_STEPS steps for more, then went anyway.
+    assert runs == [([0, 1, 2, 3, 4], False), ([5, 6], True)]
+    assert looks == [0, 4 + vision_encoder._GATHER_STEPS]
+    assert prepared[5].encoded is not None and prepared[6].encoded is not None
+
+
+def test_the_batcher_hands_the_runner_the_videos_queued_behind_a_batch(tiny_loaded, videos):
+    from worker.batcher import Batcher
+
+    knobs = dict(max_new_tokens=16, batch_size=4, constrained=False)
+    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
+    runner = make_runner(tiny_loaded, generation="loop", **knobs)
+    prepared = [runner.prepare(v) for v in videos]
+    runs, spy = _spy_encodes(runner, prepared)
+    with spy:
+        batcher = Batcher(runner, wait_s=0.5)
+        futures = [batcher.submit(p) for p in prepared]
+        answers = [f.result(timeout=120) for f in futures]
+        batcher.close()
+    assert batcher.stats.sizes == [4, 3]
+    assert runs == [([0, 1, 2, 3], False), ([4, 5, 6], True)]
+    assert _tokens(answers) == _tokens(reference)
+
+
+def test_the_encoders_features_are_the_models_own(tiny_loaded, videos):
+    """The tower run per video from inputs computed on the CPU gives what the model's own
+    `get_image_features` gives for the whole batch."""
+    import torch
+
+    from models.loader import vision_language_model
+
+    runner = make_runner(tiny_loaded, generation="loop", constrained=False)
+    prepared = [runner.prepare(v) for v in videos[:3]]
+    runner.encoder.encode(prepared[:1])
+    runner.encoder.encode(prepared)  # the first is not encoded again
+    ours = runner.encoder.outputs(prepared)
+    pixels = torch.cat([p.tensors["pixel_values"] for p in prepared])
+    grid = torch.cat([p.tensors["image_grid_thw"] for p in prepared])
+    with torch.inference_mode():
+        theirs = vision_language_model(tiny_loaded.model).get_image_features(
+            pixels, grid, return_dict=True
+        )
+    assert len(ours.pooler_output) == len(theirs.pooler_output) == sum(p.frames for p in prepared)
+    for a, b in zip(ours.pooler_output, theirs.pooler_output, strict=True):
+        torch.testing.assert_close(a, b)
+    for mine, model in zip(ours.deepstack_features, theirs.deepstack_features, strict=True):
+        for a, b in zip(mine, model, strict=True):
+            torch.testing.assert_close(a, b)

@@ -4,9 +4,9 @@ A Celery worker runs the `threads` pool with twice `batch_size` slots. Each slot
 message, samples and prepares its video on the CPU, then `submit`s it here and waits. The
 device thread takes whatever is queued (up to the runner's batch limit), waits at most
 `wait_s` for a partial batch to fill, runs it, and hands every slot its own answer or
-exception. While one batch is on the GPU the other half of the slots prepare the next, so
-a worker with a full queue keeps the GPU busy, and every message keeps its own late ack,
-retry and failure.
+exception. While one batch is on the GPU the other half of the slots prepare the next (and
+the runner encodes the frames of those already queued, `_upcoming`), so a worker with a
+full queue keeps the GPU busy, and every message keeps its own late ack, retry and failure.
 
 The GPU thread cannot be killed, so a watchdog bounds it: a batch running longer than
 max(`stall_s`, 10x its expected time from the step time measured so far) is stuck (a hung
@@ -208,7 +208,8 @@ class Batcher:
 
         self._began, self._rows = time.monotonic(), len(live)
         try:
-            answers = self.runner.generate([p for p, _ in live], ready=ready)
+            prepared = [p for p, _ in live]
+            answers = self.runner.generate(prepared, ready=ready, upcoming=self._upcoming)
         except Exception as e:
             rest = [item for i, item in enumerate(live) if i not in answered]
             if len(rest) == 1:
@@ -235,6 +236,12 @@ class Batcher:
         if self._on_batch is not None:
             tokens = sum(a.tokens_out for a in answers)
             self._on_batch(rows=len(live), seconds=seconds, tokens=tokens)
+
+    def _upcoming(self) -> list[Prepared]:
+        """The videos queued for the next batches, in order (the runner encodes their
+        frames while this batch decodes)."""
+        with self._queue.mutex:
+            return [item[0] for item in self._queue.queue if item is not None]
 
     def _serve_one(self, prepared: Prepared, future: Future) -> None:
         self._began, self._rows = time.monotonic(), 1
