@@ -81,13 +81,13 @@ class OutOfMemoryAbove(ModelRunner):
         self.fits = fits
         self.tried: list[int] = []
 
-    def _generate(self, batch, answer_tokens):
+    def _generate(self, batch, answer_tokens, upcoming=None):
         # A retry inside the except block would keep the failed batch's memory alive.
         assert sys.exc_info()[0] is None, "retried while the OOM exception was alive"
         self.tried.append(len(batch))
         if len(batch) > self.fits:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return super()._generate(batch, answer_tokens)
+        return super()._generate(batch, answer_tokens, upcoming)
 
 
 def test_out_of_memory_splits_the_batch_and_keeps_every_answer(loaded, videos, single):
@@ -158,7 +158,7 @@ class TwoPasses(ModelRunner):
         self.second_pass = threading.Event()
         self.go_on = threading.Event()
 
-    def _in_batches(self, prepared, answer_tokens):
+    def _in_batches(self, prepared, answer_tokens, upcoming=None):
         if answer_tokens == self.first_pass_tokens:
             return [Answer("first", 1, answer_tokens, 0.1, finished=i % 2 == 0) for i in range(4)]
         self.second_pass.set()
