@@ -108,7 +108,11 @@ class _Step:
         out.record_stream(current)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=loop.pool, stream=stream):
+            # thread_local: the feeders' threads keep pinning host memory meanwhile, which
+            # the default (global) mode forbids any thread while a capture is under way.
+            with torch.cuda.graph(
+                graph, pool=loop.pool, stream=stream, capture_error_mode="thread_local"
+            ):
                 logits = loop.model(**self.kwargs).logits
             self.graph, self.logits = graph, logits
         except Exception as e:  # the eager step stays correct, only slower
