@@ -47,6 +47,20 @@ class GpuMemory:
         per_token = self.bytes_per_token or estimated_bytes_per_token(self.loaded)
         return int(budget // (per_token * row_tokens))
 
+    def spare(self) -> int | None:
+        """Bytes this process may still allocate now (within the cap, with headroom; the
+        allocator's cache counts as taken, since another stream cannot reuse it); None
+        off CUDA."""
+        if not self.on_cuda:
+            return None
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        if self.cap:
+            free = min(free, self.cap - reserved)
+        return max(0, int(free * HEADROOM))
+
     @contextmanager
     def measured(self, rows: int, row_tokens: int):
         """Around one batch: learn the peak bytes it took per token, to size the next."""

@@ -212,7 +212,9 @@ class ModelRunner:
         self.prepare_positions = self.generation != "generate"
         self.encoder: VisionEncoder | None = None
         if self.prepare_positions and getattr(vision_language_model(loaded.model), "visual", None):
-            self.encoder = VisionEncoder(loaded.model, loaded.device, loaded.compute_dtype)
+            self.encoder = VisionEncoder(
+                loaded.model, loaded.device, loaded.compute_dtype, memory=self.memory
+            )
         self.timings: list[BatchTiming] = []  # the most recent batches' (benchmarks)
         # Benchmarks: the answer length of each prepared video (by id), as if the model
         # stopped there; with `min_new_tokens` this draws lengths from a distribution.
@@ -472,6 +474,8 @@ class ModelRunner:
             inputs.pop("mm_encoder_outputs", None)
             for prepared in batch:  # their features are in the cache now
                 prepared.encoded = None
+            if between_steps is not None:
+                self.encoder.finish_ahead()
         if self._loop.failure and self.generation == "graph":
             # Logged once by the loop, with the reason; later batches take HF generate.
             self.generation = "generate"

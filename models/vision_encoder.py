@@ -40,6 +40,9 @@ GROUP = 16
 # With fewer videos than a group queued, a step of `ahead` waits for more, for at most this
 # many decode steps (the feeders are still preparing the next batch).
 _GATHER_STEPS = 8
+# The tower's activations at their peak, per patch, in 16-bit units of its hidden and MLP
+# widths (the input, q/k/v and the attention's output; the MLP's intermediate in float32).
+_PEAK_HIDDEN, _PEAK_MLP = 8, 4
 
 
 @dataclass
@@ -83,11 +86,13 @@ class VisionEncoder:
     """Runs the vision tower over prepared videos (`Prepared` with `pixel_values`,
     `image_grid_thw` and `vision`, see `vision_inputs`); stores each one's features on it."""
 
-    def __init__(self, model, device: str, dtype):
+    def __init__(self, model, device: str, dtype, memory=None):
         self.vlm = vision_language_model(model)
         self.device = device
         self.dtype = dtype
         self.on_cuda = device.startswith("cuda")
+        self.memory = memory  # models.memory.GpuMemory: how much a group may take
+        self.ahead_groups = 0  # groups encoded ahead during the batch now decoding
         self._stream = None
         self._output_type = None  # the tower's own output class (with DeepStack features)
         self.failure: str | None = None  # why encoding ahead last stopped (out of memory)
@@ -101,9 +106,44 @@ class VisionEncoder:
     def ahead(self, upcoming: Callable[[], list[Any]], limit: int) -> Callable[[], None]:
         """A step to call between two decode steps: each call encodes at most one group of
         the videos `upcoming()` lists (queued for later batches), on a side stream, up to
-        `limit` videos in all. Off CUDA the groups run on the calling thread (tests)."""
+        `limit` videos in all, and only as many as the memory left beside the decoding
+        batch holds. Off CUDA the groups run on the calling thread (tests). Call
+        `finish_ahead` once the batch is done."""
+        self.ahead_groups = 0
         steps = self._ahead(upcoming, limit)
         return lambda: next(steps, None)
+
+    def finish_ahead(self) -> None:
+        """After a batch that encoded ahead: the side stream's cached blocks go back to the
+        device, so the next batch's prefill (on the main stream) can have them."""
+        if self.ahead_groups and self.on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+        self.ahead_groups = 0
+
+    def bytes_needed(self, videos: Sequence[Any]) -> int:
+        """About the most memory the tower takes for `videos` at once, features included."""
+        config = self.vlm.visual.config
+        width = _PEAK_HIDDEN * config.hidden_size + _PEAK_MLP * config.intermediate_size
+        patches = sum(sum(v.vision["segments"]) for v in videos)
+        return patches * width * 2  # 16-bit
+
+    def _fitting(self, todo: list[Any]) -> list[Any]:
+        """The longest head of `todo` whose encoding fits the memory spare now (after the
+        allocator's cache was handed back once for this batch: the side stream cannot
+        reuse the main stream's cached blocks)."""
+        spare = self.memory.spare() if self.memory is not None else None
+        if spare is None:
+            return todo
+        if self.ahead_groups == 0 and self.on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+            spare = self.memory.spare()
+        while todo and self.bytes_needed(todo) > spare:
+            todo = todo[:-1]
+        return todo
 
     def _ahead(self, upcoming: Callable[[], list[Any]], limit: int) -> Iterator[None]:
         import torch
@@ -120,6 +160,9 @@ class VisionEncoder:
                 yield
                 continue
             waited = 0
+            todo = self._fitting(todo)
+            if not todo:  # nothing more fits beside this batch: the rest go with theirs
+                return
             try:
                 if self.on_cuda:
                     if self._stream is None:
@@ -147,6 +190,7 @@ class VisionEncoder:
                 self.failure = "out of memory"
                 return
             done += len(todo)
+            self.ahead_groups += 1
             yield
 
     def outputs(self, videos: Sequence[Any]):

@@ -297,3 +297,22 @@ def test_the_encoders_features_are_the_models_own(tiny_loaded, videos):
     for mine, model in zip(ours.deepstack_features, theirs.deepstack_features, strict=True):
         for a, b in zip(mine, model, strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_only_as_many_videos_go_ahead_as_the_spare_memory_holds(tiny_loaded, videos):
+    from models import vision_encoder
+
+    knobs = dict(max_new_tokens=12, batch_size=7, constrained=False)
+    runner = make_runner(tiny_loaded, generation="loop", **knobs)
+    prepared = [runner.prepare(v) for v in videos]
+    encoder = runner.encoder
+    two = encoder.bytes_needed(prepared[3:5])
+    assert encoder.bytes_needed(prepared[3:4]) < two < encoder.bytes_needed(prepared[3:6])
+    runs, spy = _spy_encodes(runner, prepared)
+    # As on a GPU with room beside the decoding batch for the tower over two videos, and
+    # none once their features are held.
+    spare = mock.patch.object(runner.memory, "spare", side_effect=[two] + [0] * 100)
+    with spy, spare, mock.patch.object(vision_encoder, "_GATHER_STEPS", 0):
+        runner.generate(prepared[:3], upcoming=lambda: prepared[3:])
+    assert runs[1:] == [([3, 4], True)]  # the two that fitted; no more that batch
+    assert [p.encoded is not None for p in prepared[3:]] == [True, True, False, False]
