@@ -213,9 +213,14 @@ class DecodeLoop:
         order = list(range(rows))  # order[k]: the original row at buffer position k
         steps: dict[int, _Step] = {}
         sizes, bucket, room, written = buckets_for(rows), rows, answer_tokens, 1
+        # A step launched before the previous one's tokens reached the host (its logits).
+        launched = None
+        picks = _Picks(rows, device)
         while live:
             keep = None
-            if written >= room:
+            if launched is not None:
+                pass  # the same bucket and layout as the step before
+            elif written >= room:
                 if room >= max_answer_tokens:
                     break
                 # Rows still writing at the end of the room: continue them, from where they
@@ -236,10 +241,13 @@ class DecodeLoop:
                 order = [order[k] for k in keep]
                 if grammar is not None:
                     grammar.keep(keep)
-            if bucket not in steps:
-                steps[bucket] = _Step(self, bucket)
-                result.buckets.append(bucket)
-            logits = steps[bucket]().float()
+            if launched is not None:
+                logits, launched = launched, None
+            else:
+                if bucket not in steps:
+                    steps[bucket] = _Step(self, bucket)
+                    result.buckets.append(bucket)
+                logits = steps[bucket]().float()
             if min_new_tokens and written < min_new_tokens:
                 logits[:, self.stop_ids] = _NEG_INF
             n = len(order)
@@ -254,9 +262,19 @@ class DecodeLoop:
                 state.mask[:bucket, 0, 0, state.slot] = True
             written += 1
             result.steps += 1
+            # Launch the next step now, before this one's tokens reach the host, so the
+            # device runs it while the host does its bookkeeping (the grammar's matchers,
+            # the rows' answers): unless the rows still writing would fit a smaller bucket
+            # or the answer room is full (both change the buffers first). A row that stops
+            # here costs that one more step, whose token is ignored.
+            smaller = min(b for b in sizes if b >= len(live))
+            if written < room and smaller == bucket:
+                picks.send(chosen[:n])
+                launched = steps[bucket]().float()
             if between_steps is not None:
                 between_steps()
-            picked = chosen[:n].tolist()  # the one synchronisation of a step
+            # The one synchronisation of a step.
+            picked = picks.receive() if launched is not None else chosen[:n].tolist()
             if grammar is not None:  # rows already finished are ignored by their matchers
                 grammar.accept(picked)
             live = self._record(picked, order, result, stop_after)
@@ -397,6 +415,31 @@ def _prefilling(cache, on: bool) -> None:
     for layer in cache.layers:
         if hasattr(layer, "prefilling"):
             layer.prefilling = on
+
+
+class _Picks:
+    """The chosen tokens on their way to the host without waiting for later work on the
+    stream: copied into pinned memory behind the argmax, then waited for by an event (on
+    CUDA); on the CPU, at once."""
+
+    def __init__(self, rows: int, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.host = torch.empty(rows, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.n = 0
+
+    def send(self, chosen) -> None:
+        self.n = len(chosen)
+        self.host[: self.n].copy_(chosen, non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def receive(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+        return self.host[: self.n].tolist()
 
 
 def _view_cache(cache, rows: int):

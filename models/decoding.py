@@ -102,8 +102,14 @@ class GrammarMasks:
             # while a finished batch's last (unused) fill runs out.
             self._next = self._filler.submit(self._fill)
         self._next.result()
-        # A plain (synchronous) copy: the mask buffer is refilled as soon as this returns.
-        self._xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        cuda = scores.device.type == "cuda"
+        if cuda and not self.bitmask.is_pinned():
+            # Pinned, so the copy below need not wait for the step running on the device.
+            self.bitmask = self.bitmask.pin_memory()
+        # Asynchronous on CUDA: the buffer is refilled only after the step's tokens reached
+        # the host (`accept`), which is after this copy in the stream.
+        mask = self.bitmask.to(scores.device, non_blocking=cuda)
+        self._xgr.apply_token_bitmask_inplace(scores, mask)
         return scores
 
 
