@@ -316,3 +316,21 @@ def test_only_as_many_videos_go_ahead_as_the_spare_memory_holds(tiny_loaded, vid
         runner.generate(prepared[:3], upcoming=lambda: prepared[3:])
     assert runs[1:] == [([3, 4], True)]  # the two that fitted; no more that batch
     assert [p.encoded is not None for p in prepared[3:]] == [True, True, False, False]
+
+
+def test_the_spare_memory_counts_the_cap_and_the_allocators_cache_as_taken(tiny_loaded):
+    import torch
+
+    from models.memory import HEADROOM, GpuMemory
+
+    gib = 2**30
+    assert GpuMemory(tiny_loaded).spare() is None  # off CUDA
+    memory = GpuMemory(tiny_loaded, cap=10 * gib)
+    memory.on_cuda = True  # as on a card with 20 GiB free, 4 GiB held by the allocator
+    with (
+        mock.patch.object(torch.cuda, "mem_get_info", return_value=(20 * gib, 80 * gib)),
+        mock.patch.object(torch.cuda, "memory_reserved", return_value=4 * gib),
+    ):
+        assert memory.spare() == int(6 * gib * HEADROOM)  # the cap less what is reserved
+        memory.cap = 0
+        assert memory.spare() == int(20 * gib * HEADROOM)  # the card's free memory
