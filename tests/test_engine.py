@@ -241,17 +241,21 @@ def test_videos_queued_later_wait_for_a_group_then_go_ahead_anyway(tiny_loaded, 
             queued.extend(prepared[5:])
         return queued
 
-    runs, spy = _spy_encodes(runner, prepared)
-    looks = []  # how many looks at the queue came before each run of the tower
-    with spy, mock.patch.object(vision_encoder, "GROUP", 4):
-        encode = runner.encoder._encode
-        with mock.patch.object(
-            runner.encoder, "_encode", side_effect=lambda v: (looks.append(len(steps)), encode(v))
-        ):
-            runner.generate(prepared[:5], upcoming=upcoming)
-    # Fewer than a group: they waited _GATHER_STEPS steps for more, then went anyway.
-    assert runs == [([0, 1, 2, 3, 4], False), ([5, 6], True)]
-    assert looks == [0, 4 + vision_encoder._GATHER_STEPS]
+    runs = []  # each run of the tower: its videos, and the looks at the queue before it
+    encode = runner.encoder._encode
+
+    def spied(batch):
+        runs.append(([prepared.index(v) for v in batch], len(steps)))
+        return encode(batch)
+
+    with (
+        mock.patch.object(runner.encoder, "_encode", side_effect=spied),
+        mock.patch.object(vision_encoder, "GROUP", 4),
+    ):
+        runner.generate(prepared[:5], upcoming=upcoming)
+    # The batch's own videos before it decodes; the two queued later, fewer than a group,
+    # after waiting _GATHER_STEPS steps for more.
+    assert runs == [([0, 1, 2, 3, 4], 0), ([5, 6], 4 + vision_encoder._GATHER_STEPS)]
     assert prepared[5].encoded is not None and prepared[6].encoded is not None
 
 
