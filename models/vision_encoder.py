@@ -95,7 +95,7 @@ class VisionEncoder:
         self.ahead_groups = 0  # groups encoded ahead during the batch now decoding
         self._stream = None
         self._output_type = None  # the tower's own output class (with DeepStack features)
-        self.failure: str | None = None  # why encoding ahead last stopped (out of memory)
+        self.failure: str | None = None  # why encoding ahead last stopped: out of memory|error
 
     def encode(self, videos: Sequence[Any]) -> None:
         """Features for every video of `videos` that has none yet, on the current stream."""
@@ -175,19 +175,23 @@ class VisionEncoder:
                         video.encoded.ready = event
                 else:
                     self._encode(todo)
-            except torch.OutOfMemoryError as e:
-                # The batch decoding comes first: these videos are encoded with their own
-                # batch instead, and nothing more ahead during this one (said once).
+            except Exception as e:
+                # The batch decoding comes first: out of memory, or a video the tower
+                # cannot take, these videos are encoded with their own batch instead (where
+                # a bad one fails alone, with its reason), and nothing more goes ahead
+                # during this batch. Said once per kind of failure.
                 for video in todo:
                     video.encoded = None
-                if self.failure is None:
+                kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else "error"
+                if self.failure != kind:
                     log.warning(
-                        "out of GPU memory encoding %d videos ahead (%s); they are encoded "
-                        "with their batch instead",
+                        "encoding %d videos ahead failed (%s: %s); they are encoded with "
+                        "their batch instead",
                         len(todo),
-                        str(e).splitlines()[0][:160],
+                        type(e).__name__,
+                        str(e).splitlines()[0][:160] if str(e) else "",
                     )
-                self.failure = "out of memory"
+                self.failure = kind
                 return
             done += len(todo)
             self.ahead_groups += 1

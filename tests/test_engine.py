@@ -338,3 +338,32 @@ def test_the_spare_memory_counts_the_cap_and_the_allocators_cache_as_taken(tiny_
         assert memory.spare() == int(6 * gib * HEADROOM)  # the cap less what is reserved
         memory.cap = 0
         assert memory.spare() == int(20 * gib * HEADROOM)  # the card's free memory
+
+
+def test_a_queued_video_the_tower_cannot_take_fails_alone_with_its_batch(
+    tiny_loaded, videos, caplog
+):
+    from models import vision_encoder
+    from worker.batcher import Batcher
+
+    knobs = dict(max_new_tokens=8, batch_size=4, constrained=False)
+    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
+    runner = make_runner(tiny_loaded, generation="loop", **knobs)
+    prepared = [runner.prepare(v) for v in videos]
+    broken = prepared[5]  # queued behind the first batch; its pixels lost half their rows
+    broken.tensors["pixel_values"] = broken.tensors["pixel_values"][:5]
+    with (
+        caplog.at_level(logging.WARNING, logger="models.vision_encoder"),
+        mock.patch.object(vision_encoder, "_GATHER_STEPS", 0),
+    ):
+        batcher = Batcher(runner, wait_s=0.5)
+        futures = [batcher.submit(p) for p in prepared]
+        with pytest.raises(Exception) as caught:
+            futures[5].result(timeout=120)
+        answers = [f.result(timeout=120) for i, f in enumerate(futures) if i != 5]
+        batcher.close()
+    assert not isinstance(caught.value, TimeoutError)
+    # The batch decoding while it failed ahead, and its own batch-mates, are answered.
+    assert _tokens(answers) == _tokens([a for i, a in enumerate(reference) if i != 5])
+    ahead = [r.getMessage() for r in caplog.records if r.name == "models.vision_encoder"]
+    assert len(ahead) == 1 and "encoding 3 videos ahead failed" in ahead[0], ahead
