@@ -833,7 +833,12 @@ def main() -> int:
     args = parser.parse_args()
     args.feeders = args.feeders or 2 * args.batch_size
     args.frames = _counts(args.frame_counts)[0]
+    # The allocator setting the worker's model loader asks for, set before CUDA starts here
+    # (the device query below, the memory cap): without it the runs of 2026-12-07 and
+    # before measured a more fragmented allocator than a worker has.
+    from models.loader import prefer_expandable_segments
 
+    prefer_expandable_segments()
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

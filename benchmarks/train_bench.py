@@ -407,7 +407,9 @@ def main() -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Every row with the allocator setting fleetscribe's loader asks for, set before CUDA
     # starts (the memory cap starts it): freed blocks merge instead of fragmenting.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    from models.loader import prefer_expandable_segments
+
+    prefer_expandable_segments()
     args.work = Path(args.work or tempfile.mkdtemp(prefix="fs-train-bench-")).resolve()
     args.model = args.work / "model"
     args.data, args.seed_data = args.work / "data" / "canonical", args.work / "data" / "seed"

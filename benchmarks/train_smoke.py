@@ -58,9 +58,11 @@ def main() -> int:
     parser.add_argument("--compute", default="float16")
     args = parser.parse_args()
 
+    from models.loader import load_model, prefer_expandable_segments
+
+    prefer_expandable_segments()  # before the device query below starts CUDA
     import torch
 
-    from models.loader import load_model
     from models.runner import ModelRunner, RunnerConfig, report_grammar
     from models.schema import parse_report
     from models.tiny import build_tiny

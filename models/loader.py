@@ -75,9 +75,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # Batches of varying shape fragment the CUDA caching allocator; expandable segments let
-    # freed blocks merge. Read when CUDA first allocates, which is below.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    prefer_expandable_segments()  # CUDA first allocates below
     quant = Quant(quant)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if quant == Quant.NF4 and not device.startswith("cuda"):
@@ -113,6 +111,13 @@ def load_model(
     log.info("loaded %s (%s, compute %s) on %s, adapter %s", model, quant, dtype, device, adapter)
     label = adapter_name or adapter or ""
     return LoadedModel(net, processor, model, label, quant, device, dtype)
+
+
+def prefer_expandable_segments() -> None:
+    """Batches of varying shape fragment the CUDA caching allocator; expandable segments let
+    freed blocks merge. PyTorch reads this when CUDA starts, so a process that starts CUDA
+    before loading the model (a memory cap, a device query) calls this first."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def vision_language_model(model):
