@@ -15,7 +15,9 @@ forces a fixed answer length (--new-tokens). For each setting and frame count it
 at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15 GiB).
 `--grammar` adds both paths under the report grammar, `--lengths` both paths with answers
 that stop at different lengths (drawn from a distribution), so compaction shows, and
-`--profile` a torch.profiler summary of the phase before the first token.
+`--profile` a torch.profiler summary of the phase before the first token (`--profile-decode`
+of decode steps), `--decode-attention sdpa,matmul` the loop's rows with the opt-in decode
+attention (models.decode_attention) too.
 `--e2e` adds the same videos through a real Redis and a real `python -m worker`.
 
 On a CPU (a smoke run of the same code): --shape small --quant fp32 --settings cpu.
@@ -178,6 +180,7 @@ def run_batched(
     new_tokens: int | None = None,
     generation: str = "generate",
     lengths: list[int] | None = None,
+    decode_attention: str = "sdpa",
 ) -> dict:
     """The worker's path: feeder threads sample + prepare, the batcher drives the GPU.
 
@@ -185,6 +188,7 @@ def run_batched(
     its own length); constrained (the report grammar), answers end where the grammar lets
     them."""
     from models.compat import allow_compiling_nf4
+    from models.decode_attention import use_decode_attention
     from models.memory import apply_memory_cap
     from models.runner import ModelRunner, RunnerConfig, report_grammar
     from models.vision_attention import use_runs_attention
@@ -208,6 +212,7 @@ def run_batched(
     runner = ModelRunner(loaded, config, grammar=grammar, memory_cap=cap)
     if runner.generation == "graph":
         use_runs_attention(loaded.model)
+    use_decode_attention(loaded.model, decode_attention)  # process-wide: this row only
     if constrained and args.grammar_steps:
         # A random model fills every string to its bound (~2,300 tokens a report): cap the
         # answer so the grammar's per-step cost is measured over the same steps as the
@@ -255,6 +260,7 @@ def run_batched(
     with gpu_busy() as busy:
         answers, stats = run(clips)
     elapsed = time.perf_counter() - began
+    use_decode_attention(loaded.model, "sdpa")  # the other rows and the profile: SDPA
     # All of this process's CPU time (FFmpeg's decoder threads included) except the GPU
     # thread's: what decoding and preprocessing cost per video.
     feeding_cpu = time.process_time() - cpu_began - stats.cpu_s
@@ -262,7 +268,10 @@ def run_batched(
     compiled = (
         f" + compile {compile}" if runner.compile else (" (compile failed)" if compile else "")
     )
-    name = f"engine ({generation})" + compiled + (" + grammar" if constrained else "")
+    name = f"engine ({generation})" + compiled
+    if decode_attention != "sdpa":
+        name += f" + {decode_attention} attention"
+    name += " + grammar" if constrained else ""
     if new_tokens != args.new_tokens:
         name += f" ({new_tokens} tokens)"
     if lengths is not None:
@@ -293,6 +302,7 @@ def run_batched(
         row["steady_s_per_video"] = steady
     row["frames"] = args.frames
     row["generation"] = generation
+    row["decode_attention"] = decode_attention
     return row
 
 
@@ -354,6 +364,14 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
             rows.append(plain[path])
             log(f"{name}, {frames} frames: {path} done: {rows[-1]}")
             progress(rows)
+            for attention in _decode_attentions(args, path):
+                rows.append(
+                    run_batched(
+                        loaded, clips, args, cap, "", generation=path, decode_attention=attention
+                    )
+                )
+                log(f"{name}, {frames} frames: {path} with {attention} attention: {rows[-1]}")
+                progress(rows)
         if args.grammar and frames in _grammar_frames(args):
             for path in paths:
                 # Constrained answers end where the grammar says; the cost of the constraint
@@ -413,6 +431,14 @@ def _counts(text: str) -> list[int]:
     return [int(f) for f in str(text).split(",")]
 
 
+def _decode_attentions(args, path: str) -> list[str]:
+    """The decode attentions (--decode-attention) to run `path` with, besides SDPA: the
+    engine's loop only (HF generate keeps transformers' own)."""
+    if path == "generate":
+        return []
+    return [a for a in args.decode_attention.split(",") if a and a != "sdpa"]
+
+
 def _grammar_frames(args) -> set[int]:
     return set(_counts(args.grammar_frames or args.frame_counts))
 
@@ -423,6 +449,7 @@ def _generate_twin(rows: list[dict], row: dict) -> dict | None:
     if generation in (None, "generate"):
         return None
     twin = row["path"].replace(f"engine ({generation})", "engine (generate)", 1)
+    twin = twin.replace(f" + {row.get('decode_attention')} attention", "")
     for other in rows:
         if other.get("path") == twin and other.get("frames") == row.get("frames"):
             return other
@@ -807,6 +834,11 @@ def main() -> int:
     parser.add_argument("--profile-trace", action="store_true", help="also a chrome trace")
     parser.add_argument(
         "--profile-decode", type=int, default=0, help="also profile this many decode steps"
+    )
+    parser.add_argument(
+        "--decode-attention",
+        default="sdpa",
+        help="also the loop's rows with these decode attentions: sdpa,matmul",
     )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")

@@ -367,3 +367,41 @@ def test_a_queued_video_the_tower_cannot_take_fails_alone_with_its_batch(
     assert _tokens(answers) == _tokens([a for i, a in enumerate(reference) if i != 5])
     ahead = [r.getMessage() for r in caplog.records if r.name == "models.vision_encoder"]
     assert len(ahead) == 1 and "encoding 3 videos ahead failed" in ahead[0], ahead
+
+
+def test_matmul_decode_attention_gives_sdpas_output(tiny_loaded, videos):
+    """The opt-in decode-step attention: the same attention output as SDPA's for one query
+    per row over a masked cache, and through the engine's loop the same tokens."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from models import decode_attention
+    from models.decode_attention import matmul_decode_attention, use_decode_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
+    query = torch.randn(5, 8, 1, 16)
+    key, value = torch.randn(5, 2, 40, 16), torch.randn(5, 2, 40, 16)
+    mask = torch.rand(5, 1, 1, 40) > 0.3
+    mask[:, :, :, -1] = True  # every row attends to its own slot
+    for m in (mask, torch.zeros(5, 1, 1, 40).masked_fill(~mask, float("-inf"))):
+        ours, _ = matmul_decode_attention(module, query, key, value, m, scaling=0.25)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
+        torch.testing.assert_close(ours, theirs)
+    knobs = dict(max_new_tokens=10, batch_size=7, constrained=False)
+    reference = make_runner(tiny_loaded, generation="loop", **knobs).answer(videos)
+    text = tiny_loaded.model.config.get_text_config()
+    spy = mock.patch.object(
+        decode_attention, "matmul_decode_attention", wraps=matmul_decode_attention
+    )
+    try:
+        with spy as called:
+            use_decode_attention(tiny_loaded.model, "matmul")
+            answers = make_runner(tiny_loaded, generation="loop", **knobs).answer(videos)
+    finally:
+        use_decode_attention(tiny_loaded.model, "sdpa")
+    assert text._attn_implementation == "sdpa"
+    assert _tokens(answers) == _tokens(reference)
+    steps = [c for c in called.call_args_list if c.args[1].shape[2] == 1]
+    assert len(steps) == 9 * text.num_hidden_layers  # 9 decode steps after the prefill
