@@ -33,8 +33,10 @@ class GpuMemory:
         # The most GPU memory any batch has used (weights included), since the last reset.
         self.peak = 0
 
-    def rows(self, row_tokens: int) -> int | None:
-        """How many rows of `row_tokens` (prompt + answer room) fit now; None off CUDA."""
+    def rows(self, row_tokens: int, held: int = 0) -> int | None:
+        """How many rows of `row_tokens` (prompt + answer room) fit now; None off CUDA.
+        `held`: bytes already allocated for the coming rows themselves (their vision
+        features, encoded ahead), which the per-token cost already counts."""
         if not self.on_cuda:
             return None
         import torch
@@ -43,7 +45,7 @@ class GpuMemory:
         usable = free + torch.cuda.memory_reserved(self.device)  # the cache is reusable
         if self.cap:
             usable = min(usable, self.cap)
-        budget = usable * HEADROOM - torch.cuda.memory_allocated(self.device)
+        budget = usable * HEADROOM - torch.cuda.memory_allocated(self.device) + held
         per_token = self.bytes_per_token or estimated_bytes_per_token(self.loaded)
         return int(budget // (per_token * row_tokens))
 
@@ -62,8 +64,10 @@ class GpuMemory:
         return max(0, int(free * HEADROOM))
 
     @contextmanager
-    def measured(self, rows: int, row_tokens: int):
-        """Around one batch: learn the peak bytes it took per token, to size the next."""
+    def measured(self, rows: int, row_tokens: int, held: int = 0):
+        """Around one batch: learn the peak bytes it took per token, to size the next.
+        `held`: bytes the batch came with already allocated for itself (its vision
+        features, encoded ahead), counted as its own, as when it makes them inside."""
         if not self.on_cuda:
             yield
             return
@@ -74,7 +78,7 @@ class GpuMemory:
         yield
         total = torch.cuda.max_memory_allocated(self.device)
         self.peak = max(self.peak, total)
-        above = total - base
+        above = total - base + held
         self.bytes_per_token = max(above / (rows * row_tokens), self.bytes_per_token or 0.0)
         log.info(
             "batch of %d: peak %.2f GiB, %.2f above the weights",

@@ -363,7 +363,8 @@ class ModelRunner:
         """How many videos of about `tokens` prompt tokens one batch may hold, each with
         room for `answer_tokens` (default: the first pass's)."""
         limit = min(self.batch_size, self._oom_limit or self.batch_size)
-        fits = self.memory.rows(tokens + (answer_tokens or self.first_pass_tokens))
+        held = self.encoder.held_bytes() if self.encoder is not None else 0
+        fits = self.memory.rows(tokens + (answer_tokens or self.first_pass_tokens), held)
         return limit if fits is None else max(1, min(limit, fits))
 
     def _generate_or_split(
@@ -453,7 +454,10 @@ class ModelRunner:
         prompt_len = inputs["input_ids"].shape[1]
         rows, row_tokens = len(batch), prompt_len + answer_tokens
         between_steps = None
-        with self._lock, torch.inference_mode(), self.memory.measured(rows, row_tokens):
+        # Features encoded ahead are this batch's own memory, as if it made them itself.
+        held = self.encoder.feature_bytes(batch) if encoded else 0
+        measured = self.memory.measured(rows, row_tokens, held)
+        with self._lock, torch.inference_mode(), measured:
             if encoded:
                 self.encoder.encode(batch)
                 inputs["mm_encoder_outputs"] = {"image": self.encoder.outputs(batch)}

@@ -25,6 +25,7 @@ videos are coming (`models.runner` gets them from the worker's batcher).
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,7 @@ class VisionEncoder:
         self.on_cuda = device.startswith("cuda")
         self.memory = memory  # models.memory.GpuMemory: how much a group may take
         self.ahead_groups = 0  # groups encoded ahead during the batch now decoding
+        self._ahead: weakref.WeakSet = weakref.WeakSet()  # videos encoded ahead, while alive
         self._stream = None
         self._output_type = None  # the tower's own output class (with DeepStack features)
         self.failure: str | None = None  # why encoding ahead last stopped: out of memory|error
@@ -110,7 +112,7 @@ class VisionEncoder:
         batch holds. Off CUDA the groups run on the calling thread (tests). Call
         `finish_ahead` once the batch is done."""
         self.ahead_groups = 0
-        steps = self._ahead(upcoming, limit)
+        steps = self._encode_ahead(upcoming, limit)
         return lambda: next(steps, None)
 
     def finish_ahead(self) -> None:
@@ -145,7 +147,21 @@ class VisionEncoder:
             todo = todo[:-1]
         return todo
 
-    def _ahead(self, upcoming: Callable[[], list[Any]], limit: int) -> Iterator[None]:
+    def held_bytes(self) -> int:
+        """Device memory held by features encoded ahead and not yet taken by a prefill."""
+        return self.feature_bytes([v for v in self._ahead if v.encoded is not None])
+
+    @staticmethod
+    def feature_bytes(videos: Sequence[Any]) -> int:
+        """Device memory of these videos' features (those encoded)."""
+        total = 0
+        for video in videos:
+            if (features := video.encoded) is not None:
+                tensors = [*features.pooled, *(t for layer in features.deepstack for t in layer)]
+                total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+    def _encode_ahead(self, upcoming: Callable[[], list[Any]], limit: int) -> Iterator[None]:
         import torch
 
         done, waited = 0, 0
@@ -195,6 +211,7 @@ class VisionEncoder:
                 return
             done += len(todo)
             self.ahead_groups += 1
+            self._ahead.update(todo)
             yield
 
     def outputs(self, videos: Sequence[Any]):

@@ -220,7 +220,10 @@ def test_the_next_batch_is_encoded_while_this_one_decodes(tiny_loaded, videos):
         first = runner.generate(prepared[:4], upcoming=lambda: prepared[4:])
         assert all(p.encoded is not None for p in prepared[4:])  # ready for their batch
         assert all(p.encoded is None for p in prepared[:4])  # in the cache now: dropped
+        held = runner.encoder.held_bytes()  # what sizing the next batch counts as its own
+        assert held == runner.encoder.feature_bytes(prepared[4:]) > 0
         second = runner.generate(prepared[4:])
+        assert runner.encoder.held_bytes() == 0
     assert runs == [([0, 1, 2, 3], False), ([4, 5, 6], True)]  # never encoded twice
     assert _tokens(first + second) == _tokens(reference)
     assert all(p.encoded is None for p in prepared)
@@ -320,6 +323,35 @@ def test_only_as_many_videos_go_ahead_as_the_spare_memory_holds(tiny_loaded, vid
         runner.generate(prepared[:3], upcoming=lambda: prepared[3:])
     assert runs[1:] == [([3, 4], True)]  # the two that fitted; no more that batch
     assert [p.encoded is not None for p in prepared[3:]] == [True, True, False, False]
+
+
+def test_features_encoded_ahead_count_as_their_own_batchs_memory(tiny_loaded):
+    """Sizing a batch: the features already made for its rows are part of each row's cost
+    (learnt from batches that made them inside), so they are not taken from the budget
+    twice; a batch that came with its features counts them in what it took."""
+    import torch
+
+    from models.memory import HEADROOM, GpuMemory
+
+    gib = 2**30
+    memory = GpuMemory(tiny_loaded)
+    memory.on_cuda = True
+    memory.bytes_per_token = float(2**20)  # 1 MiB a token
+
+    def cuda(**returns):
+        return mock.patch.multiple(
+            torch.cuda, **{k: mock.Mock(return_value=v) for k, v in returns.items()}
+        )
+
+    with cuda(mem_get_info=(10 * gib, 80 * gib), memory_reserved=0, memory_allocated=3 * gib):
+        plain = memory.rows(1024)
+        held = memory.rows(1024, held=gib)
+    assert plain == int((10 * gib * HEADROOM - 3 * gib) // gib)
+    assert held == int((10 * gib * HEADROOM - 2 * gib) // gib)
+    peaks = cuda(reset_peak_memory_stats=None, memory_allocated=gib, max_memory_allocated=3 * gib)
+    with peaks, memory.measured(rows=2, row_tokens=512, held=gib):
+        pass
+    assert memory.bytes_per_token == 3 * gib / 1024  # 2 GiB above the base, plus 1 held
 
 
 def test_the_spare_memory_counts_the_cap_and_the_allocators_cache_as_taken(tiny_loaded):
