@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.loader import vision_language_model
+from models.vision_attention import NAME as RUNS_ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,9 @@ class VisionFeatures:
     pooled: list[Any]
     deepstack: list[list[Any]]  # per DeepStack layer, per image
     ready: Any = None  # CUDA event recorded after they were written on a side stream
+
+    def tensors(self) -> list[Any]:
+        return [*self.pooled, *(t for layer in self.deepstack for t in layer)]
 
 
 def vision_inputs(model, grid) -> dict[str, Any]:
@@ -135,14 +139,15 @@ class VisionEncoder:
         """The longest head of `todo` whose encoding fits the memory spare now (after the
         allocator's cache was handed back once for this batch: the side stream cannot
         reuse the main stream's cached blocks)."""
-        spare = self.memory.spare() if self.memory is not None else None
-        if spare is None:
+        if self.memory is None:
             return todo
         if self.ahead_groups == 0 and self.on_cuda:
             import torch
 
             torch.cuda.empty_cache()
-            spare = self.memory.spare()
+        spare = self.memory.spare()
+        if spare is None:  # off CUDA
+            return todo
         while todo and self.bytes_needed(todo) > spare:
             todo = todo[:-1]
         return todo
@@ -156,9 +161,8 @@ class VisionEncoder:
         """Device memory of these videos' features (those encoded)."""
         total = 0
         for video in videos:
-            if (features := video.encoded) is not None:
-                tensors = [*features.pooled, *(t for layer in features.deepstack for t in layer)]
-                total += sum(t.numel() * t.element_size() for t in tensors)
+            if video.encoded is not None:
+                total += sum(t.numel() * t.element_size() for t in video.encoded.tensors())
         return total
 
     def _encode_ahead(self, upcoming: Callable[[], list[Any]], limit: int) -> Iterator[None]:
@@ -231,7 +235,7 @@ class VisionEncoder:
                 if id(features.ready) not in waited:
                     stream.wait_event(features.ready)
                     waited.add(id(features.ready))
-                for t in [*features.pooled, *(t for layer in features.deepstack for t in layer)]:
+                for t in features.tensors():
                     t.record_stream(stream)
                 features.ready = None
             pooled += features.pooled
@@ -281,4 +285,4 @@ class VisionEncoder:
 
 # Attention implementations of the vision blocks that read the frames' boundaries on the
 # host (the runs of models.vision_attention, and SDPA/eager's per-frame split).
-_HOST_SEGMENTS = ("flash_varlen_by_sdpa_runs", "sdpa", "eager", None)
+_HOST_SEGMENTS = (RUNS_ATTENTION, "sdpa", "eager", None)
