@@ -63,6 +63,11 @@ def buckets_for(rows: int) -> list[int]:
     return sorted(sizes)
 
 
+def _bucket_for(sizes: list[int], rows: int) -> int:
+    """The smallest bucket that holds `rows` live rows."""
+    return min(b for b in sizes if b >= rows)
+
+
 class _Step:
     """One bucket's decode step over views of the batch's buffers; captured on CUDA."""
 
@@ -217,33 +222,31 @@ class DecodeLoop:
         launched = None
         picks = _Picks(rows, device)
         while live:
-            keep = None
-            if launched is not None:
-                pass  # the same bucket and layout as the step before
-            elif written >= room:
-                if room >= max_answer_tokens:
-                    break
-                # Rows still writing at the end of the room: continue them, from where they
-                # stopped, in a cache with room for the longest answer.
-                keep = [order.index(i) for i in live]
-                room = max_answer_tokens
-                self._grow(keep, width + room, compute_dtype)
-                state, steps = self.state, {}
-                bucket = len(keep)
-                sizes = buckets_for(bucket)
-            else:
-                smaller = min(b for b in sizes if b >= len(live))
-                if smaller < bucket:
-                    keep = [order.index(i) for i in live]
-                    self._compact(keep)
-                    bucket = smaller
-            if keep is not None:
-                order = [order[k] for k in keep]
-                if grammar is not None:
-                    grammar.keep(keep)
-            if launched is not None:
+            if launched is not None:  # the same bucket and layout as the step before
                 logits, launched = launched, None
             else:
+                keep = None
+                if written >= room:
+                    if room >= max_answer_tokens:
+                        break
+                    # Rows still writing at the end of the room: continue them, from where
+                    # they stopped, in a cache with room for the longest answer.
+                    keep = [order.index(i) for i in live]
+                    room = max_answer_tokens
+                    self._grow(keep, width + room, compute_dtype)
+                    state, steps = self.state, {}
+                    bucket = len(keep)
+                    sizes = buckets_for(bucket)
+                else:
+                    smaller = _bucket_for(sizes, len(live))
+                    if smaller < bucket:
+                        keep = [order.index(i) for i in live]
+                        self._compact(keep)
+                        bucket = smaller
+                if keep is not None:
+                    order = [order[k] for k in keep]
+                    if grammar is not None:
+                        grammar.keep(keep)
                 if bucket not in steps:
                     steps[bucket] = _Step(self, bucket)
                     result.buckets.append(bucket)
@@ -267,8 +270,7 @@ class DecodeLoop:
             # the rows' answers): unless the rows still writing would fit a smaller bucket
             # or the answer room is full (both change the buffers first). A row that stops
             # here costs that one more step, whose token is ignored.
-            smaller = min(b for b in sizes if b >= len(live))
-            if written < room and smaller == bucket:
+            if written < room and _bucket_for(sizes, len(live)) == bucket:
                 picks.send(chosen[:n])
                 launched = steps[bucket]().float()
             if between_steps is not None:
