@@ -6,6 +6,11 @@ them when the worker that held them is gone. `delivery.outbox.send_again` uses t
 functions to do it at once: it lists the messages held longer than a heartbeat lapse,
 decides from the store which ones no live worker holds, and restores those to their queue
 through kombu's own `restore_by_tag`. Other transports keep no such record: nothing.
+
+`videos_in_broker` lists every describe message Redis holds, waiting or handed out: kombu
+pops a message (BRPOP) before it records it as handed out, so a worker killed between the
+two loses it outright, and only a video the store says was sent but the broker no longer
+holds shows it (`delivery.outbox.send_again`, "vanished").
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from broker.celery_app import make_celery
+from broker.celery_app import DESCRIBE_QUEUE, celery_config, make_celery
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +59,30 @@ def held_messages(settings: Settings, *, older_than_s: float) -> list[Held]:
         app.close()
 
 
+def videos_in_broker(settings: Settings) -> set[int] | None:
+    """The video ids of every describe message a Redis broker holds: on the describe
+    queue (each priority's list) or handed out and not acknowledged. None where the broker
+    cannot be read this way (not Redis)."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    options = celery_config(settings)["broker_transport_options"]
+    sep = options["sep"]
+    keys = [f"{DESCRIBE_QUEUE}{sep}{p}" if p else DESCRIBE_QUEUE for p in options["priority_steps"]]
+    app = make_celery(settings)
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            with channel.client.pipeline(transaction=True) as pipe:  # one moment's view
+                for key in keys:
+                    pipe.lrange(key, 0, -1)
+                pipe.hvals(channel.unacked_key)
+                *waiting, handed_out = pipe.execute()
+    finally:
+        app.close()
+    raws = [raw for queue in waiting for raw in queue] + list(handed_out)
+    return {video_id for raw in raws if (video_id := _video_id(raw)) is not None}
+
+
 def restore(settings: Settings, tags: list[str]) -> int:
     """Put these messages back on their queues (kombu's restore_by_tag); how many."""
     if not tags:
@@ -70,11 +99,15 @@ def restore(settings: Settings, tags: list[str]) -> int:
 
 
 def _video_id(raw: bytes | str | None) -> int | None:
-    """The `video_id` a describe message carries (Celery protocol 2, JSON body)."""
+    """The `video_id` a describe message carries (Celery protocol 2, JSON body): as the
+    unacked hash keeps it (`[message, exchange, routing_key]`) or as a queue's list does
+    (the message alone)."""
     if not raw:
         return None
     try:
-        message = json.loads(raw)[0]
+        message = json.loads(raw)
+        if isinstance(message, list):
+            message = message[0]
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)

@@ -229,6 +229,41 @@ def batch_backlog_ids(*, session: Session, batch_id: int) -> list[int]:
     )
 
 
+def _sent_unclaimed(published_before: datetime):
+    return (
+        (Video.state == VideoState.QUEUED)
+        & Video.published_at.is_not(None)
+        & (Video.published_at < published_before)
+        & Video.worker.is_(None)
+    )
+
+
+def sent_unclaimed_ids(*, session: Session, published_before: datetime) -> list[int]:
+    """Queued videos whose message was confirmed before `published_before` and that no
+    worker has claimed: each message should be on the broker, waiting or handed out."""
+    return list(
+        session.scalars(
+            select(Video.id).where(_sent_unclaimed(published_before)).order_by(Video.id)
+        )
+    )
+
+
+def still_sent_unclaimed(
+    *, session: Session, video_ids: list[int], published_before: datetime
+) -> list[Video]:
+    """Of these videos, those still as `sent_unclaimed_ids` found them, locked."""
+    if not video_ids:
+        return []
+    return list(
+        session.scalars(
+            select(Video)
+            .where(Video.id.in_(video_ids), _sent_unclaimed(published_before))
+            .order_by(Video.id)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
 def sent_not_taken(*, session: Session) -> int:
     """Queued videos whose message is sent and taken by no worker yet: what the broker
     should hold, for a broker that cannot be asked (the in-memory one)."""

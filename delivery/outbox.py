@@ -15,9 +15,10 @@ report's unique key keeps a second one out.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from math import ceil
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -148,7 +149,9 @@ class Lost:
 
     video_id: int
     path: str
-    why: str  # "orphaned" (its worker is dead), "stale" (running too long)
+    # "orphaned" (its worker is dead), "stale" (running too long), "vanished" (its message
+    # is nowhere on the broker: popped by a worker killed before it recorded taking it)
+    why: str
     worker: str | None = None
 
 
@@ -171,20 +174,38 @@ def send_again(
     lapse_s: float | None = None,
     running_over_s: float | None = None,
     dry_run: bool = False,
+    recheck_s: float = 1.0,
 ) -> Resent:
     """Put back in the backlog every video running on a dead worker (stopped, or its
-    heartbeat older than `lapse_s`, default 3 beats) and, if `running_over_s` is given,
-    every video running longer than that; then top the window up (`feed`), which also
-    sends what a dead producer left unsent. Run by `producer reap` and, every SWEEP_S, by
-    each describe worker. `dry_run` only lists them."""
+    heartbeat older than `lapse_s`, default 3 beats), every video whose message vanished
+    (`_vanished`) and, if `running_over_s` is given, every video running longer than that;
+    then top the window up (`feed`), which also sends what a dead producer left unsent. Run
+    by `producer reap` and, every SWEEP_S, by each describe worker. `dry_run` only lists
+    them."""
     if lapse_s is None:
         lapse_s = settings.heartbeat_lapse_s
     now = utcnow()
+    vanished_ids = _vanished(
+        sessions=sessions,
+        settings=settings,
+        published_before=now - timedelta(seconds=lapse_s),
+        recheck_s=recheck_s,
+    )
     with session_scope(sessions) as session:
         orphans = store.orphaned(session=session, lapsed_before=now - timedelta(seconds=lapse_s))
+        seen = {v.id for v in orphans}
+        vanished = [
+            v
+            for v in store.still_sent_unclaimed(
+                session=session,
+                video_ids=vanished_ids,
+                published_before=now - timedelta(seconds=lapse_s),
+            )
+            if v.id not in seen
+        ]
+        seen |= {v.id for v in vanished}
         stale = []
         if running_over_s is not None:
-            seen = {v.id for v in orphans}
             older = now - timedelta(seconds=running_over_s)
             stale = [
                 v
@@ -193,22 +214,57 @@ def send_again(
             ]
         result = Resent(
             [Lost(v.id, v.path, "orphaned", v.worker) for v in orphans]
+            + [Lost(v.id, v.path, "vanished") for v in vanished]
             + [Lost(v.id, v.path, "stale", v.worker) for v in stale]
         )
         if not dry_run:
-            for video in [*orphans, *stale]:
+            for video in [*orphans, *vanished, *stale]:
                 store.resend(session=session, video=video)
         result.backlog = store.backlog_count(session=session)
     if dry_run:
         return result
     if result.found:
         log.warning(
-            "sending again %d orphaned and %d stale videos",
+            "sending again %d orphaned, %d vanished and %d stale videos",
             result.count("orphaned"),
+            result.count("vanished"),
             result.count("stale"),
         )
     result.sent = feed(sessions=sessions, settings=settings)
     return result
+
+
+def _vanished(
+    *,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    published_before: datetime,
+    recheck_s: float,
+) -> list[int]:
+    """Videos sent before `published_before`, claimed by no worker, whose message the
+    broker holds at neither of two looks `recheck_s` apart. kombu's Redis transport pops a
+    message before it records it as handed out, so a worker killed between the two loses
+    it: no visibility timeout ever brings it back. A live worker records what it popped
+    within milliseconds, hence the second look. Brokers that cannot be listed: none."""
+    from broker.unacked import videos_in_broker
+
+    with session_scope(sessions) as session:
+        sent = store.sent_unclaimed_ids(session=session, published_before=published_before)
+    missing = sent
+    for look in range(2):
+        if not missing:
+            return []
+        if look:
+            time.sleep(recheck_s)
+        try:
+            present = videos_in_broker(settings)
+        except Exception as e:  # redis, kombu or OSError: the broker is away; next sweep
+            log.warning("could not list the broker's messages (%s: %s)", type(e).__name__, e)
+            return []
+        if present is None:
+            return []
+        missing = [video_id for video_id in missing if video_id not in present]
+    return missing
 
 
 def restore_held(

@@ -463,7 +463,8 @@ def reap(after, dry_run) -> None:
     result = send_again(sessions=sessions, settings=settings, running_over_s=after, dry_run=dry_run)
     console.print(
         f"{result.backlog} queued, not sent (the backlog), "
-        f"{result.count('orphaned')} running on a dead worker"
+        f"{result.count('orphaned')} running on a dead worker, "
+        f"{result.count('vanished')} sent but gone from the broker"
         + (f", {result.count('stale')} running more than {after} s" if after else "")
     )
     for lost in result.found[:_REASON_ROWS]:  # plain lines: easy to grep and to paste

@@ -3,6 +3,7 @@ failure, and the watchdog on the GPU thread. Real processes, Redis and PostgreSQ
 
 from __future__ import annotations
 
+import base64
 import re
 import signal
 import socket
@@ -161,12 +162,60 @@ def test_a_killed_workers_videos_come_back_within_two_minutes(
     assert took < 120
     _one_report_each(pg_url, count)
     # the new worker's sweep gave the dead worker's videos back (their own messages from
-    # Redis's unacked set, or new ones), not Redis's visibility timeout
+    # Redis's unacked set, or new ones, also for a message it popped and never recorded),
+    # not Redis's visibility timeout
     swept = (tmp_path / "worker2.log").read_text()
     assert re.search(
         r"restoring [1-9]\d* messages held by a dead worker|sending again [1-9]\d* orphaned",
         swept,
     ), swept[-3000:]
+
+
+def test_a_message_popped_by_a_worker_killed_before_recording_it_is_sent_again(
+    tmp_path, tiny_model, redis_url, pg_url
+):
+    """kombu pops a message (BRPOP) before it records it as handed out: a worker killed in
+    between takes it with it, and no visibility timeout brings it back. `reap` finds the
+    video the store says was sent but the broker holds nowhere, and sends it again; one
+    the broker counts as handed out is not taken for lost."""
+    import json
+
+    import redis
+
+    folder = tmp_path / "videos"
+    _clips(folder, 3)
+    env = _env(tmp_path / "home", redis_url, pg_url, tiny_model)
+    env.update(FLEETSCRIBE_HEARTBEAT_S="0.2")  # a lapse of 0.6 s
+    upgrade_store(env)
+    sent = _run(["producer", "enqueue", str(folder)], env)
+    assert "3 videos sent" in sent.stdout, sent.stdout + sent.stderr
+    client = redis.Redis.from_url(redis_url)
+    lost = json.loads(client.rpop("describe"))  # the killed worker's pop, never recorded
+    held = json.loads(client.rpop("describe"))  # a live worker's, recorded as handed out
+    client.hset("unacked", "live-tag", json.dumps([held, "describe", "describe"]))
+    client.zadd("unacked_index", {"live-tag": time.time()})
+    lost_kwargs = json.loads(base64.b64decode(lost["body"]))[1]
+    time.sleep(1)  # both messages confirmed longer ago than the lapse
+
+    dry = _run(["producer", "reap", "--dry-run"], env)
+    assert "0 running on a dead worker, 1 sent but gone from the broker" in dry.stdout, (
+        dry.stdout + dry.stderr
+    )
+    line = f"vanished {lost_kwargs['path']} (video {lost_kwargs['video_id']})"
+    assert line in dry.stdout, dry.stdout
+    assert client.llen("describe") == 1  # a dry run sends nothing
+
+    # Unlike a dry run, `reap` restores what is held for a video no live worker claimed.
+    again = _run(["producer", "reap"], env)
+    assert "1 messages held by a dead worker put back" in again.stdout, again.stdout
+    assert "1 sent but gone from the broker" in again.stdout, again.stdout + again.stderr
+    assert "1 videos sent" in again.stdout, again.stdout
+    waiting = [json.loads(raw) for raw in client.lrange("describe", 0, -1)]
+    ids = sorted(json.loads(base64.b64decode(m["body"]))[1]["video_id"] for m in waiting)
+    assert ids == sorted(v.id for v in _videos(pg_url))  # each video's message once
+    assert all(v.state == VideoState.QUEUED and v.published_at for v in _videos(pg_url))
+    after = _run(["producer", "reap", "--dry-run"], env)
+    assert "0 sent but gone from the broker" in after.stdout, after.stdout
 
 
 @pytest.mark.parametrize("signals", [1, 2], ids=["warm", "cold"])
