@@ -10,7 +10,8 @@ Work is split in two so the GPU never waits on the CPU:
   replayed CUDA graph (`models.decode_loop`); on the CPU HF `generate`; `loop` is the
   engine's loop without capture (the tests hold it to `generate`'s tokens).
   The batch is bounded by `batch_size` and by what the GPU memory (and an optional cap)
-  holds; a CUDA out-of-memory error halves the batch and retries instead of failing it.
+  holds; a CUDA out-of-memory error retries the batch in parts of three quarters its size
+  (`BACK_OFF`) instead of failing it.
 
 `build_runner` makes one per process (a describe worker's lifecycle, a training job's
 evaluation, the benchmarks): it loads the model and then takes each process-wide step
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GENERATION_PATHS = ("auto", "graph", "loop", "generate")
+# After CUDA runs out of memory at n rows, batches hold at most this share of n.
+BACK_OFF = 0.75
 # Token-level tensors that are padded on the left; everything else is concatenated.
 _PADDED = ("input_ids", "attention_mask", "mm_token_type_ids")
 # Prompt lengths are padded up to a multiple of this, so the static cache and any compiled
@@ -197,7 +200,7 @@ class ModelRunner:
             self.first_pass_tokens = config.first_pass_tokens
         self._lock = threading.Lock()  # one generate at a time on the device
         self.memory = GpuMemory(loaded, cap=memory_cap)
-        self._oom_limit: int | None = None  # a batch size that ran out of memory, halved
+        self._oom_limit: int | None = None  # below a batch size that ran out of memory
         if config.generation not in GENERATION_PATHS:
             raise ValueError(f"generation must be one of {', '.join(GENERATION_PATHS)}")
         self.generation = config.generation
@@ -402,9 +405,11 @@ class ModelRunner:
             raise GenerationError(
                 f"out of GPU memory for a single video ({batch[0].tokens} prompt tokens)"
             )
-        half = len(batch) // 2
-        self._oom_limit = min(half, self._oom_limit or half)
-        log.warning("out of GPU memory at batch %d; now at most %d", len(batch), half)
+        # The limit holds for the process: the next batches must not fail again. A step of
+        # a quarter, not a half, since a limit that is too low costs every later batch.
+        smaller = max(1, min(len(batch) - 1, int(len(batch) * BACK_OFF)))
+        self._oom_limit = min(smaller, self._oom_limit or smaller)
+        log.warning("out of GPU memory at batch %d; now at most %d", len(batch), self._oom_limit)
         answers: list[Answer] = []
         while len(answers) < len(batch):  # the limit may drop again on the way
             start = len(answers)

@@ -96,10 +96,11 @@ def test_out_of_memory_splits_the_batch_and_keeps_every_answer(loaded, videos, s
     )
     answers = runner.answer(videos)
     _same(answers, single)
-    assert runner.tried[:3] == [8, 4, 2]  # halved until it fits
+    # Three quarters each time until it fits: 3 rows, where halving would stop at 2.
+    assert runner.tried[:4] == [8, 6, 4, 3]
     # The rest, and later batches, run at the size that fitted rather than failing again.
-    assert max(runner.tried[3:]) == 2
-    assert runner.batch_limit(100) == 2
+    assert max(runner.tried[4:]) == 3
+    assert runner.batch_limit(100) == 3
 
 
 def test_a_single_video_that_does_not_fit_is_a_clear_error(loaded, videos):
