@@ -17,7 +17,8 @@ at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15
 that stop at different lengths (drawn from a distribution), so compaction shows, and
 `--profile` a torch.profiler summary of the phase before the first token (`--profile-decode`
 of decode steps), `--decode-attention sdpa,matmul` the loop's rows with the opt-in decode
-attention (models.decode_attention) too.
+attention (models.decode_attention) too, and `--prefill eager,fused` with the opt-in fused
+prefill (models.fused_prefill; its first batch, the warm-up, compiles it).
 `--e2e` adds the same videos through a real Redis and a real `python -m worker`.
 
 On a CPU (a smoke run of the same code): --shape small --quant fp32 --settings cpu.
@@ -181,6 +182,7 @@ def run_batched(
     generation: str = "generate",
     lengths: list[int] | None = None,
     decode_attention: str = "sdpa",
+    prefill: str = "eager",
 ) -> dict:
     """The worker's path: feeder threads sample + prepare, the batcher drives the GPU.
 
@@ -203,6 +205,7 @@ def run_batched(
         compile=compile or "off",
         prefill_chunk=args.prefill_chunk,
         generation=generation,
+        prefill=prefill,
     )
     # The process-wide steps, as models.runner.build_runner takes them for a worker.
     cap = apply_memory_cap(loaded.device, memory_gib)
@@ -271,6 +274,8 @@ def run_batched(
     name = f"engine ({generation})" + compiled
     if decode_attention != "sdpa":
         name += f" + {decode_attention} attention"
+    if prefill != "eager":
+        name += f" + {prefill} prefill"
     name += " + grammar" if constrained else ""
     if new_tokens != args.new_tokens:
         name += f" ({new_tokens} tokens)"
@@ -303,6 +308,9 @@ def run_batched(
     row["frames"] = args.frames
     row["generation"] = generation
     row["decode_attention"] = decode_attention
+    row["prefill"] = prefill
+    if runner._loop is not None and getattr(runner._loop.prefill, "failure", None):
+        row["prefill_failure"] = runner._loop.prefill.failure
     return row
 
 
@@ -364,13 +372,19 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
             rows.append(plain[path])
             log(f"{name}, {frames} frames: {path} done: {rows[-1]}")
             progress(rows)
-            for attention in _decode_attentions(args, path):
+            for attention in _variants(args.decode_attention, path, "sdpa"):
                 rows.append(
                     run_batched(
                         loaded, clips, args, cap, "", generation=path, decode_attention=attention
                     )
                 )
                 log(f"{name}, {frames} frames: {path} with {attention} attention: {rows[-1]}")
+                progress(rows)
+            for prefill in _variants(args.prefill, path, "eager"):
+                rows.append(
+                    run_batched(loaded, clips, args, cap, "", generation=path, prefill=prefill)
+                )
+                log(f"{name}, {frames} frames: {path} with {prefill} prefill: {rows[-1]}")
                 progress(rows)
         if args.grammar and frames in _grammar_frames(args):
             for path in paths:
@@ -431,12 +445,12 @@ def _counts(text: str) -> list[int]:
     return [int(f) for f in str(text).split(",")]
 
 
-def _decode_attentions(args, path: str) -> list[str]:
-    """The decode attentions (--decode-attention) to run `path` with, besides SDPA: the
-    engine's loop only (HF generate keeps transformers' own)."""
+def _variants(choices: str, path: str, default: str) -> list[str]:
+    """The opt-in choices (--decode-attention, --prefill) to run `path` with besides the
+    default: the engine's loop only (HF generate keeps transformers' own)."""
     if path == "generate":
         return []
-    return [a for a in args.decode_attention.split(",") if a and a != "sdpa"]
+    return [c for c in choices.split(",") if c and c != default]
 
 
 def _grammar_frames(args) -> set[int]:
@@ -450,6 +464,7 @@ def _generate_twin(rows: list[dict], row: dict) -> dict | None:
         return None
     twin = row["path"].replace(f"engine ({generation})", "engine (generate)", 1)
     twin = twin.replace(f" + {row.get('decode_attention')} attention", "")
+    twin = twin.replace(f" + {row.get('prefill')} prefill", "")
     for other in rows:
         if other.get("path") == twin and other.get("frames") == row.get("frames"):
             return other
@@ -839,6 +854,9 @@ def main() -> int:
         "--decode-attention",
         default="sdpa",
         help="also the loop's rows with these decode attentions: sdpa,matmul",
+    )
+    parser.add_argument(
+        "--prefill", default="eager", help="also the loop's rows with these prefills: eager,fused"
     )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")

@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     # graph, on a GPU; HF generate on the CPU), graph, loop (the engine's loop uncaptured)
     # or generate (HF's loop, the fallback where capture fails).
     generation: Literal["auto", "graph", "loop", "generate"] = "auto"
+    # The engine's loop: the text prefill's RMSNorms, rotary embedding and SiLU as they are
+    # (eager) or compiled into fused kernels (fused; models/fused_prefill.py; the first
+    # batch compiles them, about a minute). Opt-in until measured on a GPU.
+    prefill: Literal["eager", "fused"] = "eager"
     # Prefill prompts this many tokens at a time (0: whole): the prefill's activations, about
     # half of a batch's peak memory with whole prompts, shrink, so more videos fit a batch.
     prefill_chunk: int = Field(512, ge=0)

@@ -27,10 +27,13 @@ Knows nothing of videos, queues or SQL: `models.runner` prepares the batch and c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,10 +144,21 @@ class DecodeLoop:
 
     `model`: the loaded Qwen3-VL; `stop_ids`/`pad_id`: the stop tokens and the padding
     token; `graphs`: capture each bucket's step (CUDA only); `pool`: the graph memory pool
-    shared by every bucket of the process (its graphs replay one at a time)."""
+    shared by every bucket of the process (its graphs replay one at a time); `prefill`: a
+    context put around each prefill (models.fused_prefill), or None."""
 
-    def __init__(self, model, *, stop_ids: list[int], pad_id: int, graphs: bool, pool=None):
+    def __init__(
+        self,
+        model,
+        *,
+        stop_ids: list[int],
+        pad_id: int,
+        graphs: bool,
+        pool=None,
+        prefill: Callable[[], AbstractContextManager] | None = None,
+    ):
         self.model = model
+        self.prefill = prefill or contextlib.nullcontext
         self.stop_ids = stop_ids
         self.pad_id = pad_id
         self.use_graphs = graphs
@@ -342,7 +356,8 @@ class DecodeLoop:
             options["prefill_chunk_size"] = prefill_chunk
         _prefilling(self.state.cache, True)
         try:
-            out = self.model.generate(**inputs, **options)
+            with self.prefill():
+                out = self.model.generate(**inputs, **options)
         finally:
             _prefilling(self.state.cache, False)
         self.state.slot = width

@@ -118,6 +118,9 @@ class RunnerConfig:
     # auto: the engine's loop on CUDA graphs on a GPU, HF generate on the CPU; graph, loop
     # (the engine's loop, never captured) or generate (HF's, today's engine) to choose.
     generation: str = "auto"
+    # The engine's loop: the text prefill's element-wise ops as they are (eager) or compiled
+    # into fused kernels (fused; models.fused_prefill).
+    prefill: str = "eager"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunnerConfig:
@@ -129,6 +132,7 @@ class RunnerConfig:
             prefill_chunk=settings.prefill_chunk,
             first_pass_tokens=settings.first_pass_tokens,
             generation=settings.generation,
+            prefill=settings.prefill,
         )
 
 
@@ -450,8 +454,18 @@ class ModelRunner:
             pad_id = self.loaded.processor.tokenizer.pad_token_id
             graphs = self.generation == "graph"
             pool = torch.cuda.graph_pool_handle() if graphs else None
+            prefill = None
+            if self.config.prefill == "fused":
+                from models.fused_prefill import FusedPrefill
+
+                prefill = FusedPrefill(self.loaded.model)
             self._loop = DecodeLoop(
-                self.loaded.model, stop_ids=stop_ids, pad_id=pad_id, graphs=graphs, pool=pool
+                self.loaded.model,
+                stop_ids=stop_ids,
+                pad_id=pad_id,
+                graphs=graphs,
+                pool=pool,
+                prefill=prefill,
             )
         grammar = None
         if self.grammar is not None:

@@ -437,3 +437,109 @@ def test_matmul_decode_attention_gives_sdpas_output(tiny_loaded, videos):
     assert _tokens(answers) == _tokens(reference)
     steps = [c for c in called.call_args_list if c.args[1].shape[2] == 1]
     assert len(steps) == 9 * text.num_hidden_layers  # 9 decode steps after the prefill
+
+
+def test_the_fused_prefills_ops_are_the_models_own(tiny_loaded):
+    """The three functions models.fused_prefill compiles compute what the text model's
+    RMSNorm, rotary embedding and SiLU-times-up compute."""
+    import torch
+
+    from models.fused_prefill import FusedPrefill, rms_norm, rotary, silu_mul
+
+    fused = FusedPrefill(tiny_loaded.model, backend="eager")
+    text = tiny_loaded.model.config.get_text_config()
+    assert len(fused.norms) == 4 * text.num_hidden_layers + 1  # 4 a layer, and the last
+    assert len(fused.mlps) == text.num_hidden_layers
+    torch.manual_seed(0)
+    norm = fused.norms[0]
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(3, 5, norm.weight.shape[0], dtype=dtype)
+        with torch.no_grad():
+            weight = norm.weight.to(dtype)
+            ours = rms_norm(hidden, weight, norm.variance_epsilon)
+            with mock.patch.object(norm, "weight", torch.nn.Parameter(weight)):
+                assert torch.equal(ours, norm(hidden))
+    q, k = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16)
+    cos, sin = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    theirs = fused.modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    for ours, expected in zip(rotary(q, k, cos, sin), theirs, strict=True):
+        assert torch.equal(ours, expected)
+    mlp = fused.mlps[0]
+    x = torch.randn(2, 3, text.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x))), mlp(x))
+
+
+def _counting_fused(calls: dict, widths: list):
+    """FusedPrefill, each of its ops counted (by the eager function's name) with the
+    sequence width it was called on."""
+    from models.fused_prefill import FusedPrefill
+
+    real = FusedPrefill._guarded
+
+    def guarded(self, compiled, eager):
+        inner = real(self, compiled, eager)
+
+        def call(*args, **kwargs):
+            calls[eager.__name__] = calls.get(eager.__name__, 0) + 1
+            widths.append(args[0].shape[2 if eager.__name__ == "rotary" else 1])
+            return inner(*args, **kwargs)
+
+        return call
+
+    return mock.patch.object(FusedPrefill, "_guarded", guarded)
+
+
+def test_the_fused_prefill_runs_in_the_prefill_only_with_generates_tokens(tiny_loaded, videos):
+    """PREFILL=fused: the compiled ops (traced by torch.compile; aot_eager here, no CPU
+    codegen) replace the model's during the prefill only; the tokens stay generate's and
+    the model is its own again after the batch."""
+    import sys
+
+    from models import fused_prefill
+
+    knobs = dict(max_new_tokens=10, batch_size=7, constrained=False, prefill_chunk=64)
+    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
+    layers = tiny_loaded.model.config.get_text_config().num_hidden_layers
+    calls: dict[str, int] = {}
+    widths: list[int] = []
+    with mock.patch.object(fused_prefill, "BACKEND", "aot_eager"), _counting_fused(calls, widths):
+        runner = make_runner(tiny_loaded, generation="loop", prefill="fused", **knobs)
+        answers = runner.answer(videos)
+    assert _tokens(answers) == _tokens(reference)
+    assert runner._loop.prefill.failure is None
+    chunks = calls["silu_mul"] // layers
+    assert chunks >= 2 and calls["silu_mul"] == chunks * layers  # every layer, every chunk
+    assert calls["rotary"] == chunks * layers
+    assert calls["rms_norm"] == chunks * (4 * layers + 1)
+    # the prefill's chunks (64 tokens, the last one less) only, never a decode step (1)
+    assert max(widths) == 64 and min(widths) > 1
+    for module in tiny_loaded.model.modules():
+        assert "forward" not in vars(module)  # the model's own forwards again
+    modeling = sys.modules[type(tiny_loaded.model).__module__]
+    assert modeling.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"
+
+
+def test_a_fused_prefill_whose_compiler_fails_says_so_once_and_runs_eager(
+    tiny_loaded, videos, caplog
+):
+    from models import fused_prefill
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no Triton here\nsecond line")
+
+    knobs = dict(max_new_tokens=6, batch_size=7, constrained=False)
+    reference = make_runner(tiny_loaded, generation="loop", **knobs).answer(videos)
+    with (
+        mock.patch.object(fused_prefill, "BACKEND", broken),
+        caplog.at_level(logging.WARNING, logger="models.fused_prefill"),
+    ):
+        runner = make_runner(tiny_loaded, generation="loop", prefill="fused", **knobs)
+        first = runner.answer(videos)
+        second = runner.answer(videos)
+    assert _tokens(first) == _tokens(reference) == _tokens(second)
+    fused = runner._loop.prefill
+    assert fused.failure is not None and "no Triton here" in fused.failure
+    assert "second line" not in fused.failure
+    warnings = [r for r in caplog.records if "fused prefill failed" in r.getMessage()]
+    assert len(warnings) == 1
