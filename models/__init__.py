@@ -8,6 +8,7 @@
 - `vision_encoder`: the vision tower run by that loop, per video, ahead of its batch.
 - `vision_attention`, `decode_attention`: attention functions registered with transformers
   (the vision tower's over runs of frames; an opt-in one for decode steps).
+- `fused_prefill`: the text prefill's element-wise ops compiled into fused kernels (opt-in).
 - `memory`: GPU memory for batching (rows per batch, spare memory, the cap).
 - `compat`: explicit, documented patches of the libraries underneath.
 - `tiny`: the tiny random Qwen3-VL built offline for the demo and tests.
