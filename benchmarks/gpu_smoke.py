@@ -9,7 +9,9 @@ Run on a CUDA machine: python benchmarks/gpu_smoke.py [--out FILE.jsonl]. For ea
   buckets) against `loop` on the same lengths;
 - `graph` with the fused prefill (PREFILL=fused, models.fused_prefill) against `graph`: the
   compiled kernels round differently in the last bit, so it counts the rows whose answer
-  is the same rather than asking for all.
+  is the same rather than asking for all;
+- `graph` with each opt-in decode attention (models.decode_attention: matmul, flex)
+  against `graph` on SDPA, counted the same way.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def _run(loaded, generation: str, videos, *, constrained: bool, lengths=None, **
 def check(loaded, videos, quant: str, adapter: str) -> dict:
     import torch
 
+    from models import decode_attention
+    from models.decode_attention import use_decode_attention
+
     knobs = dict(max_new_tokens=16, batch_size=len(videos), first_pass_tokens=64)
     began = time.perf_counter()
     graph, graph_answers = _run(loaded, "graph", videos, constrained=True, **knobs)
@@ -66,6 +71,21 @@ def check(loaded, videos, quant: str, adapter: str) -> dict:
     short, short_graph = _run(loaded, "graph", videos, constrained=False, lengths=lengths, **free)
     _, short_loop = _run(loaded, "loop", videos, constrained=False, lengths=lengths, **free)
     fused, fused_answers = _run(loaded, "graph", videos, constrained=True, prefill="fused", **knobs)
+    attentions = {}
+    for choice in ("matmul", "flex"):
+        use_decode_attention(loaded.model, choice)
+        try:
+            runner, answers = _run(loaded, "graph", videos, constrained=True, **knobs)
+        finally:
+            use_decode_attention(loaded.model, "sdpa")
+        attentions[choice] = {
+            "path": [t.path for t in runner.timings],
+            "capture_failure": runner._loop.failure if runner._loop else None,
+            "rows_equal_to_sdpa": sum(
+                a == b for a, b in zip(_texts(answers), _texts(graph_answers), strict=True)
+            ),
+        }
+    attentions["flex"]["failure"] = decode_attention.flex_failure
     four_bit = [n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear4bit"]
     return {
         "quant": quant,
@@ -96,6 +116,7 @@ def check(loaded, videos, quant: str, adapter: str) -> dict:
             ),
             "rows": len(videos),
         },
+        "decode_attention": attentions,
         "seconds": round(time.perf_counter() - began, 2),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
     }

@@ -16,8 +16,8 @@ at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15
 `--grammar` adds both paths under the report grammar, `--lengths` both paths with answers
 that stop at different lengths (drawn from a distribution), so compaction shows, and
 `--profile` a torch.profiler summary of the phase before the first token (`--profile-decode`
-of decode steps), `--decode-attention sdpa,matmul` the loop's rows with the opt-in decode
-attention (models.decode_attention) too, and `--prefill eager,fused` with the opt-in fused
+of decode steps), `--decode-attention sdpa,matmul,flex` the loop's rows with the opt-in
+decode attentions (models.decode_attention) too, and `--prefill eager,fused` with the opt-in fused
 prefill (models.fused_prefill; its first batch, the warm-up, compiles it).
 `--e2e` adds the same videos through a real Redis and a real `python -m worker`.
 
@@ -309,6 +309,10 @@ def run_batched(
     row["generation"] = generation
     row["decode_attention"] = decode_attention
     row["prefill"] = prefill
+    from models import decode_attention as attention
+
+    if decode_attention == "flex" and attention.flex_failure:
+        row["decode_attention_failure"] = attention.flex_failure
     if runner._loop is not None and getattr(runner._loop.prefill, "failure", None):
         row["prefill_failure"] = runner._loop.prefill.failure
     return row
@@ -853,7 +857,7 @@ def main() -> int:
     parser.add_argument(
         "--decode-attention",
         default="sdpa",
-        help="also the loop's rows with these decode attentions: sdpa,matmul",
+        help="also the loop's rows with these decode attentions: sdpa,matmul,flex",
     )
     parser.add_argument(
         "--prefill", default="eager", help="also the loop's rows with these prefills: eager,fused"

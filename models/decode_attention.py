@@ -8,17 +8,35 @@ step's attention is two batched matrix products over the key/value heads (the sc
 the 4 query heads of each group against the cached keys, then the weighted values), with
 the softmax in float32 between them: each cached key and value is read once, by cuBLAS.
 
-`use_matmul_decode_attention(model)` registers it with transformers' AttentionInterface
-(and its mask with AttentionMaskInterface: SDPA's) under `NAME`, for the text decoder only;
-a prefill (several query tokens) goes to transformers' own SDPA unchanged. Only the
-throughput benchmark turns it on (`--decode-attention sdpa,matmul`, rows side by side)
-until the GPU machine has measured it; the tests hold it to SDPA's output.
+A second candidate, `flex`, is PyTorch's FlexAttention compiled by `torch.compile`: for
+one query token it takes the FlexDecoding kernel, which splits the cache's slots across
+thread blocks (flash decoding) and reads the grouped heads' keys and values once
+(`enable_gqa`); the mask is a `score_mod` over the batch's bool mask. It compiles on the
+first decode step of a bucket (the loop's eager warm-up step, before capture), with
+dynamic shapes, so the buckets and cache widths of later batches reuse it.
+
+`use_decode_attention(model, choice)` registers the chosen one with transformers'
+AttentionInterface (and its mask with AttentionMaskInterface: SDPA's) under its name, for
+the text decoder only; a prefill (several query tokens) goes to transformers' own SDPA
+unchanged. Only the throughput benchmark turns them on (`--decode-attention
+sdpa,matmul,flex`, rows side by side) until the GPU machine has measured them; the tests
+hold both to SDPA's output.
 """
 
 from __future__ import annotations
 
+import logging
+
+from models.errors import one_line
+
+log = logging.getLogger(__name__)
+
 NAME = "fleetscribe_matmul_decode"
-CHOICES = ("sdpa", "matmul")
+FLEX_NAME = "fleetscribe_flex_decode"
+CHOICES = ("sdpa", "matmul", "flex")
+_compiled_flex = None  # torch.compile(flex_attention), made on first use (the GPU thread)
+BACKEND = "inductor"  # its backend (the tests trace with aot_eager: no CPU codegen)
+flex_failure: str | None = None  # why compiling it failed, once (SDPA from then on)
 
 
 def matmul_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -48,6 +66,48 @@ def matmul_decode_attention(module, query, key, value, attention_mask, scaling=N
     return out.reshape(rows, heads, 1, dim).transpose(1, 2), None
 
 
+def flex_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """As `matmul_decode_attention`, through FlexAttention's decoding kernel, compiled."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    global _compiled_flex, flex_failure
+    rows, _, q_len, dim = query.shape
+    if q_len != 1 or flex_failure is not None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=True, backend=BACKEND)
+    score_mod = None
+    if attention_mask is not None:
+        mask = attention_mask[:, 0, -1, : key.shape[2]].expand(rows, -1)  # (rows, slots)
+        if mask.dtype == torch.bool:
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return torch.where(mask[b, kv_idx], score, float("-inf"))
+
+        else:
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + mask[b, kv_idx].to(score.dtype)
+
+    scale = dim**-0.5 if scaling is None else scaling
+    try:
+        out = _compiled_flex(query, key, value, score_mod=score_mod, scale=scale, enable_gqa=True)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # Dynamo, Inductor or Triton: SDPA gives the same attention
+        flex_failure = one_line(e)
+        log.warning("FlexAttention decode failed (%s); SDPA from now on", flex_failure)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    return out.transpose(1, 2), None
+
+
 def use_decode_attention(model, choice: str) -> None:
     """Set the text decoder's attention: `sdpa` (transformers' own, the default) or
     `matmul` (this module's for decode steps); process-wide, like the vision tower's."""
@@ -58,9 +118,13 @@ def use_decode_attention(model, choice: str) -> None:
         raise ValueError(f"decode attention must be one of {', '.join(CHOICES)}")
     text = model.config.get_text_config()
     if choice == "sdpa":
-        if text._attn_implementation == NAME:
+        if text._attn_implementation in (NAME, FLEX_NAME):
             text._attn_implementation = "sdpa"
         return
-    AttentionInterface.register(NAME, matmul_decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
-    text._attn_implementation = NAME
+    name, function = {
+        "matmul": (NAME, matmul_decode_attention),
+        "flex": (FLEX_NAME, flex_decode_attention),
+    }[choice]
+    AttentionInterface.register(name, function)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    text._attn_implementation = name

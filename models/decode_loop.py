@@ -37,6 +37,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.errors import one_line
+
 log = logging.getLogger(__name__)
 
 _NEG_INF = float("-inf")
@@ -177,8 +179,7 @@ class DecodeLoop:
 
     def capture_failed(self, error: Exception) -> None:
         self.use_graphs = False
-        text = str(error).strip().splitlines()
-        self.failure = f"{type(error).__name__}: {text[0] if text else ''}"
+        self.failure = one_line(error)
         log.warning("CUDA graph capture of the decode step failed (%s); eager", self.failure)
 
     def run(self, inputs: dict[str, Any], **options) -> LoopResult:

@@ -33,6 +33,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
+from models.errors import one_line
+
 log = logging.getLogger(__name__)
 
 CHOICES = ("eager", "fused")
@@ -111,7 +113,7 @@ class FusedPrefill:
                 except torch.OutOfMemoryError:
                     raise
                 except Exception as e:  # Dynamo, Inductor or Triton: the eager op is the same
-                    self.failure = _reason(e)
+                    self.failure = one_line(e)
                     log.warning("fused prefill failed (%s); eager from now on", self.failure)
             return eager(*args, **kwargs)
 
@@ -148,14 +150,3 @@ class FusedPrefill:
 def _restore_forward(module: Any) -> None:
     """Drop the instance's forward: the class's own is found again."""
     module.__dict__.pop("forward", None)
-
-
-def _reason(error: BaseException) -> str:
-    """One line: the error's type and, through what it wraps (Dynamo's BackendCompilerFailed
-    keeps the backend's error as `inner_exception`), the first line of the root cause."""
-    root, names = error, [type(error).__name__]
-    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
-        root = inner
-        names.append(type(root).__name__)
-    lines = [line for line in str(root).strip().splitlines() if line.strip()]
-    return f"{': '.join(names)}: {lines[0] if lines else ''}"

@@ -543,3 +543,59 @@ def test_a_fused_prefill_whose_compiler_fails_says_so_once_and_runs_eager(
     assert "second line" not in fused.failure
     warnings = [r for r in caplog.records if "fused prefill failed" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_flex_decode_attention_gives_sdpas_output_through_one_compilation(tiny_loaded, videos):
+    """The second opt-in decode-step attention (FlexAttention's decoding kernel, compiled
+    with dynamic shapes): SDPA's output for one query per row over a masked cache, bool or
+    additive; through the engine's loop (rows compacted into smaller buckets) the same
+    tokens, with no more compilations than the first bucket's."""
+    from models import decode_attention
+
+    # Traced by torch.compile as on the GPU; aot_eager: Inductor's CPU code for FlexAttention
+    # with dynamic shapes does not build (the GPU's is Triton's).
+    patches = (
+        mock.patch.object(decode_attention, "BACKEND", "aot_eager"),
+        mock.patch.object(decode_attention, "_compiled_flex", None),
+    )
+    with patches[0], patches[1]:
+        _flex_against_sdpa(tiny_loaded, videos)
+
+
+def _flex_against_sdpa(tiny_loaded, videos):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from models import decode_attention
+    from models.decode_attention import flex_decode_attention, use_decode_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
+    query = torch.randn(5, 8, 1, 16)
+    key, value = torch.randn(5, 2, 40, 16), torch.randn(5, 2, 40, 16)
+    mask = torch.rand(5, 1, 1, 40) > 0.3
+    mask[:, :, :, -1] = True
+    for m in (mask, torch.zeros(5, 1, 1, 40).masked_fill(~mask, float("-inf"))):
+        ours, _ = flex_decode_attention(module, query, key, value, m, scaling=0.25)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
+        torch.testing.assert_close(ours, theirs)
+    knobs = dict(max_new_tokens=12, min_new_tokens=12, batch_size=7, constrained=False)
+    lengths = [12, 3, 9, 2, 7, 5, 1]
+    results = {}
+    for choice in ("sdpa", "flex"):
+        runner = make_runner(tiny_loaded, generation="loop", **knobs)
+        prepared = [runner.prepare(v) for v in videos]
+        runner.answer_lengths = {id(p): n for p, n in zip(prepared, lengths, strict=True)}
+        try:
+            use_decode_attention(tiny_loaded.model, choice)
+            torch._dynamo.utils.counters.clear()
+            results[choice] = (runner.generate(prepared), runner.timings[-1])
+            compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        finally:
+            use_decode_attention(tiny_loaded.model, "sdpa")
+    (expected, _), (answers, timing) = results["sdpa"], results["flex"]
+    assert _tokens(answers) == _tokens(expected)
+    assert timing.buckets == [7, 4, 2, 1]  # four batch shapes went through it
+    assert decode_attention._compiled_flex is not None
+    assert 1 <= compiled <= 2  # dynamic shapes: not one compilation per bucket
