@@ -401,14 +401,11 @@ def test_a_queued_video_the_tower_cannot_take_fails_alone_with_its_batch(
     assert len(ahead) == 1 and "encoding 3 videos ahead failed" in ahead[0], ahead
 
 
-def test_matmul_decode_attention_gives_sdpas_output(tiny_loaded, videos):
-    """The opt-in decode-step attention: the same attention output as SDPA's for one query
-    per row over a masked cache, and through the engine's loop the same tokens."""
+def _gives_sdpas_output(attention) -> None:
+    """`attention` gives SDPA's output for one query per row (8 heads over 2 key/value
+    heads) over a cache of 40 slots, some masked, the mask bool or additive."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from models import decode_attention
-    from models.decode_attention import matmul_decode_attention, use_decode_attention
 
     torch.manual_seed(0)
     module = torch.nn.Module()
@@ -418,9 +415,19 @@ def test_matmul_decode_attention_gives_sdpas_output(tiny_loaded, videos):
     mask = torch.rand(5, 1, 1, 40) > 0.3
     mask[:, :, :, -1] = True  # every row attends to its own slot
     for m in (mask, torch.zeros(5, 1, 1, 40).masked_fill(~mask, float("-inf"))):
-        ours, _ = matmul_decode_attention(module, query, key, value, m, scaling=0.25)
+        ours, _ = attention(module, query, key, value, m, scaling=0.25)
         theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
         torch.testing.assert_close(ours, theirs)
+
+
+def test_matmul_decode_attention_gives_sdpas_output(tiny_loaded, videos):
+    """The opt-in decode-step attention: the same attention output as SDPA's for one query
+    per row over a masked cache, and through the engine's loop the same tokens."""
+
+    from models import decode_attention
+    from models.decode_attention import matmul_decode_attention, use_decode_attention
+
+    _gives_sdpas_output(matmul_decode_attention)
     knobs = dict(max_new_tokens=10, batch_size=7, constrained=False)
     reference = make_runner(tiny_loaded, generation="loop", **knobs).answer(videos)
     text = tiny_loaded.model.config.get_text_config()
@@ -564,22 +571,11 @@ def test_flex_decode_attention_gives_sdpas_output_through_one_compilation(tiny_l
 
 def _flex_against_sdpa(tiny_loaded, videos):
     import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from models import decode_attention
     from models.decode_attention import flex_decode_attention, use_decode_attention
 
-    torch.manual_seed(0)
-    module = torch.nn.Module()
-    module.num_key_value_groups, module.is_causal, module.training = 4, True, False
-    query = torch.randn(5, 8, 1, 16)
-    key, value = torch.randn(5, 2, 40, 16), torch.randn(5, 2, 40, 16)
-    mask = torch.rand(5, 1, 1, 40) > 0.3
-    mask[:, :, :, -1] = True
-    for m in (mask, torch.zeros(5, 1, 1, 40).masked_fill(~mask, float("-inf"))):
-        ours, _ = flex_decode_attention(module, query, key, value, m, scaling=0.25)
-        theirs, _ = sdpa_attention_forward(module, query, key, value, m, scaling=0.25)
-        torch.testing.assert_close(ours, theirs)
+    _gives_sdpas_output(flex_decode_attention)
     knobs = dict(max_new_tokens=12, min_new_tokens=12, batch_size=7, constrained=False)
     lengths = [12, 3, 9, 2, 7, 5, 1]
     results = {}
