@@ -7,10 +7,10 @@ functions to do it at once: it lists the messages held longer than a heartbeat l
 decides from the store which ones no live worker holds, and restores those to their queue
 through kombu's own `restore_by_tag`. Other transports keep no such record: nothing.
 
-`videos_in_broker` lists every describe message Redis holds, waiting or handed out: kombu
-pops a message (BRPOP) before it records it as handed out, so a worker killed between the
-two loses it outright, and only a video the store says was sent but the broker no longer
-holds shows it (`delivery.outbox.send_again`, "vanished").
+`missing_from_broker` finds the videos whose message Redis holds nowhere, waiting or
+handed out: kombu pops a message (BRPOP) before it records it as handed out, so a worker
+killed between the two loses it outright, and only a video the store says was sent but
+the broker no longer holds shows it (`delivery.outbox.send_again`, "vanished").
 """
 
 from __future__ import annotations
@@ -59,10 +59,16 @@ def held_messages(settings: Settings, *, older_than_s: float) -> list[Held]:
         app.close()
 
 
-def videos_in_broker(settings: Settings) -> set[int] | None:
-    """The video ids of every describe message a Redis broker holds: on the describe
-    queue (each priority's list) or handed out and not acknowledged. None where the broker
-    cannot be read this way (not Redis)."""
+def missing_from_broker(settings: Settings, video_ids: list[int]) -> list[int] | None:
+    """Of these videos (all those the store says were sent and no worker claimed, so each
+    one's describe message should be on the queue or handed out), those whose message a
+    Redis broker holds nowhere; None where the broker cannot be read this way (not Redis).
+
+    Cheap while nothing is missing, which is nearly always: the handed-out messages are
+    read (a few per worker), the queue's lists only counted, and listed only when they
+    hold fewer messages than the other videos need (a fleet's window is thousands of
+    messages, read by every worker's sweep). A duplicate message on the queue can hide a
+    lost one from the count until it is taken."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
     options = celery_config(settings)["broker_transport_options"]
@@ -74,12 +80,25 @@ def videos_in_broker(settings: Settings) -> set[int] | None:
             channel = conn.default_channel
             with channel.client.pipeline(transaction=True) as pipe:  # one moment's view
                 for key in keys:
-                    pipe.lrange(key, 0, -1)
+                    pipe.llen(key)
                 pipe.hvals(channel.unacked_key)
+                *lengths, handed_out = pipe.execute()
+            held = _video_ids(handed_out)
+            rest = [video_id for video_id in video_ids if video_id not in held]
+            if sum(lengths) >= len(rest):
+                return []
+            with channel.client.pipeline(transaction=True) as pipe:
+                for key in keys:
+                    pipe.lrange(key, 0, -1)
+                pipe.hvals(channel.unacked_key)  # again: some were taken meanwhile
                 *waiting, handed_out = pipe.execute()
     finally:
         app.close()
-    raws = [raw for queue in waiting for raw in queue] + list(handed_out)
+    present = _video_ids([raw for queue in waiting for raw in queue] + list(handed_out))
+    return [video_id for video_id in rest if video_id not in present]
+
+
+def _video_ids(raws) -> set[int]:
     return {video_id for raw in raws if (video_id := _video_id(raw)) is not None}
 
 

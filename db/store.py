@@ -229,18 +229,19 @@ def batch_backlog_ids(*, session: Session, batch_id: int) -> list[int]:
     )
 
 
-def _sent_unclaimed(published_before: datetime):
-    return (
+def _sent_unclaimed(published_before: datetime | None):
+    sent = (
         (Video.state == VideoState.QUEUED)
         & Video.published_at.is_not(None)
-        & (Video.published_at < published_before)
         & Video.worker.is_(None)
     )
+    return sent if published_before is None else sent & (Video.published_at < published_before)
 
 
-def sent_unclaimed_ids(*, session: Session, published_before: datetime) -> list[int]:
-    """Queued videos whose message was confirmed before `published_before` and that no
-    worker has claimed: each message should be on the broker, waiting or handed out."""
+def sent_unclaimed_ids(*, session: Session, published_before: datetime | None = None) -> list[int]:
+    """Queued videos whose message was confirmed (before `published_before`, if given)
+    and that no worker has claimed: each message should be on the broker, waiting or
+    handed out."""
     return list(
         session.scalars(
             select(Video.id).where(_sent_unclaimed(published_before)).order_by(Video.id)

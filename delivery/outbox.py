@@ -246,24 +246,27 @@ def _vanished(
     message before it records it as handed out, so a worker killed between the two loses
     it: no visibility timeout ever brings it back. A live worker records what it popped
     within milliseconds, hence the second look. Brokers that cannot be listed: none."""
-    from broker.unacked import videos_in_broker
+    from broker.unacked import missing_from_broker
 
     with session_scope(sessions) as session:
-        sent = store.sent_unclaimed_ids(session=session, published_before=published_before)
-    missing = sent
+        # All of them, for the broker's count; only those sent before the lapse can be lost.
+        sent = store.sent_unclaimed_ids(session=session)
+        old = set(store.sent_unclaimed_ids(session=session, published_before=published_before))
+    missing = [video_id for video_id in sent if video_id in old]
     for look in range(2):
         if not missing:
             return []
         if look:
             time.sleep(recheck_s)
         try:
-            present = videos_in_broker(settings)
+            gone = missing_from_broker(settings, sent)
         except Exception as e:  # redis, kombu or OSError: the broker is away; next sweep
             log.warning("could not list the broker's messages (%s: %s)", type(e).__name__, e)
             return []
-        if present is None:
+        if gone is None:
             return []
-        missing = [video_id for video_id in missing if video_id not in present]
+        gone_now = set(gone)
+        missing = [video_id for video_id in missing if video_id in gone_now]
     return missing
 
 

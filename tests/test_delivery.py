@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from helpers import start_enqueue, upgrade_url
@@ -216,6 +217,37 @@ def test_a_message_popped_by_a_worker_killed_before_recording_it_is_sent_again(
     assert all(v.state == VideoState.QUEUED and v.published_at for v in _videos(pg_url))
     after = _run(["producer", "reap", "--dry-run"], env)
     assert "0 sent but gone from the broker" in after.stdout, after.stdout
+
+
+def test_the_broker_is_listed_only_when_its_count_says_a_message_is_missing(redis_url):
+    """Every worker's sweep asks the broker which sent videos it lost: while the queue's
+    count covers them the lists are not read (a fleet's window is thousands of messages);
+    once one is gone, it is named, and a handed-out one is not."""
+    import json
+
+    import redis
+    from redis.client import Pipeline
+
+    from broker.celery_app import DESCRIBE_TASK, make_celery
+    from broker.unacked import missing_from_broker
+    from config.settings import Settings
+
+    settings = Settings(broker_url=redis_url)
+    app = make_celery(settings)
+    for video_id in (1, 2, 3, 4):
+        app.send_task(DESCRIBE_TASK, kwargs={"video_id": video_id}, queue="describe")
+    app.close()
+    client = redis.Redis.from_url(redis_url)
+    taken = json.loads(client.rpop("describe"))  # handed out and recorded, as a worker does
+    client.hset("unacked", "tag-1", json.dumps([taken, "describe", "describe"]))
+    listed = mock.patch.object(Pipeline, "lrange", autospec=True, side_effect=Pipeline.lrange)
+    with listed as lrange:
+        assert missing_from_broker(settings, [1, 2, 3, 4]) == []
+        assert lrange.call_count == 0  # counted, not listed
+        lost = json.loads(base64.b64decode(json.loads(client.rpop("describe"))["body"]))
+        assert missing_from_broker(settings, [1, 2, 3, 4]) == [lost[1]["video_id"]]
+        assert lrange.call_count > 0
+    assert missing_from_broker(Settings(broker_url="memory://"), [1]) is None
 
 
 @pytest.mark.parametrize("signals", [1, 2], ids=["warm", "cold"])
