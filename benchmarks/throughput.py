@@ -376,19 +376,21 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
             rows.append(plain[path])
             log(f"{name}, {frames} frames: {path} done: {rows[-1]}")
             progress(rows)
-            for attention in _variants(args.decode_attention, path, "sdpa"):
+            for attention, prefill in _variants(args, path):
                 rows.append(
                     run_batched(
-                        loaded, clips, args, cap, "", generation=path, decode_attention=attention
+                        loaded,
+                        clips,
+                        args,
+                        cap,
+                        "",
+                        generation=path,
+                        decode_attention=attention,
+                        prefill=prefill,
                     )
                 )
-                log(f"{name}, {frames} frames: {path} with {attention} attention: {rows[-1]}")
-                progress(rows)
-            for prefill in _variants(args.prefill, path, "eager"):
-                rows.append(
-                    run_batched(loaded, clips, args, cap, "", generation=path, prefill=prefill)
-                )
-                log(f"{name}, {frames} frames: {path} with {prefill} prefill: {rows[-1]}")
+                log(f"{name}, {frames} frames: {path}, {attention} attention, {prefill} prefill")
+                log(f"{rows[-1]}")
                 progress(rows)
         if args.grammar and frames in _grammar_frames(args):
             for path in paths:
@@ -449,12 +451,16 @@ def _counts(text: str) -> list[int]:
     return [int(f) for f in str(text).split(",")]
 
 
-def _variants(choices: str, path: str, default: str) -> list[str]:
-    """The opt-in choices (--decode-attention, --prefill) to run `path` with besides the
-    default: the engine's loop only (HF generate keeps transformers' own)."""
+def _variants(args, path: str) -> list[tuple[str, str]]:
+    """The opt-in (decode attention, prefill) pairs to run `path` with besides the default
+    (sdpa, eager): every pair of --decode-attention and --prefill, so the best combination
+    is measured too. The engine's loop only (HF generate keeps transformers' own)."""
     if path == "generate":
         return []
-    return [c for c in choices.split(",") if c and c != default]
+    attentions = [a for a in args.decode_attention.split(",") if a]
+    prefills = [p for p in args.prefill.split(",") if p]
+    pairs = [(a, p) for a in attentions for p in prefills]
+    return [pair for pair in pairs if pair != ("sdpa", "eager")]
 
 
 def _grammar_frames(args) -> set[int]:

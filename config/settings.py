@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # (eager) or compiled into fused kernels (fused; models/fused_prefill.py; the first
     # batch compiles them, about a minute). Opt-in until measured on a GPU.
     prefill: Literal["eager", "fused"] = "eager"
+    # The text decoder's attention in decode steps: sdpa (transformers'), matmul (two
+    # batched products) or flex (FlexAttention's split-KV decoding kernel, compiled);
+    # models/decode_attention.py. Opt-in until measured on a GPU.
+    decode_attention: Literal["sdpa", "matmul", "flex"] = "sdpa"
     # Prefill prompts this many tokens at a time (0: whole): the prefill's activations, about
     # half of a batch's peak memory with whole prompts, shrink, so more videos fit a batch.
     prefill_chunk: int = Field(512, ge=0)

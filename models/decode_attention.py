@@ -18,9 +18,10 @@ dynamic shapes, so the buckets and cache widths of later batches reuse it.
 `use_decode_attention(model, choice)` registers the chosen one with transformers'
 AttentionInterface (and its mask with AttentionMaskInterface: SDPA's) under its name, for
 the text decoder only; a prefill (several query tokens) goes to transformers' own SDPA
-unchanged. Only the throughput benchmark turns them on (`--decode-attention
-sdpa,matmul,flex`, rows side by side) until the GPU machine has measured them; the tests
-hold both to SDPA's output.
+unchanged. A worker takes one with `FLEETSCRIBE_DECODE_ATTENTION` (models.runner.build_runner);
+the default stays SDPA until the GPU machine has measured them (`throughput.py
+--decode-attention sdpa,matmul,flex`, rows side by side); the tests hold both to SDPA's
+output.
 """
 
 from __future__ import annotations

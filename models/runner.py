@@ -139,8 +139,9 @@ class RunnerConfig:
 def build_runner(settings: Settings, *, adapter_path: str | None = None) -> ModelRunner:
     """Load the model and make this process's runner, taking each process-wide step once:
     the GPU memory cap, the NF4 compile permission (a documented compatibility patch), the
-    report grammar and, for the engine's graph loop, the vision tower's attention over
-    runs of frames (models.vision_attention). A ModelError says what is wrong.
+    report grammar, for the engine's graph loop the vision tower's attention over runs of
+    frames (models.vision_attention), and the decode steps' attention if not SDPA
+    (models.decode_attention). A ModelError says what is wrong.
     `adapter_path`: where the adapter named by FLEETSCRIBE_ADAPTER lies (resolved through
     the store by the caller); reports record the name."""
     loaded = load_model(
@@ -158,6 +159,10 @@ def build_runner(settings: Settings, *, adapter_path: str | None = None) -> Mode
     if runner.generation == "graph":
         # The vision tower in one attention call per run of same-sized frames.
         use_runs_attention(loaded.model)
+    if settings.decode_attention != "sdpa":
+        from models.decode_attention import use_decode_attention
+
+        use_decode_attention(loaded.model, settings.decode_attention)
     return runner
 
 

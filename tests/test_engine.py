@@ -595,3 +595,18 @@ def _flex_against_sdpa(tiny_loaded, videos):
     assert timing.buckets == [7, 4, 2, 1]  # four batch shapes went through it
     assert decode_attention._compiled_flex is not None
     assert 1 <= compiled <= 2  # dynamic shapes: not one compilation per bucket
+
+
+@pytest.mark.parametrize("choice", ["matmul", "flex"])
+def test_a_worker_takes_the_decode_attention_its_settings_name(tiny_model, tmp_path, choice):
+    from config.settings import Settings
+    from models import decode_attention
+    from models.runner import build_runner
+
+    settings = Settings(home=tmp_path, model=str(tiny_model), quant="fp32", decode_attention=choice)
+    runner = build_runner(settings)
+    text = runner.loaded.model.config.get_text_config()
+    names = {"matmul": decode_attention.NAME, "flex": decode_attention.FLEX_NAME}
+    assert text._attn_implementation == names[choice]
+    plain = build_runner(Settings(home=tmp_path, model=str(tiny_model), quant="fp32"))
+    assert plain.loaded.model.config.get_text_config()._attn_implementation == "sdpa"
