@@ -85,7 +85,7 @@ def check(loaded, videos, quant: str, adapter: str) -> dict:
                 a == b for a, b in zip(_texts(answers), _texts(graph_answers), strict=True)
             ),
         }
-    attentions["flex"]["failure"] = decode_attention.flex_failure
+    attentions["flex"]["failure"] = decode_attention.flex_fallback.failure
     four_bit = [n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear4bit"]
     return {
         "quant": quant,

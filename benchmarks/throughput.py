@@ -311,8 +311,8 @@ def run_batched(
     row["prefill"] = prefill
     from models import decode_attention as attention
 
-    if decode_attention == "flex" and attention.flex_failure:
-        row["decode_attention_failure"] = attention.flex_failure
+    if decode_attention == "flex" and attention.flex_fallback.failure:
+        row["decode_attention_failure"] = attention.flex_fallback.failure
     if runner._loop is not None and getattr(runner._loop.prefill, "failure", None):
         row["prefill_failure"] = runner._loop.prefill.failure
     return row

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 
-from models.errors import one_line
+from models.errors import CompilerFallback
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ FLEX_NAME = "fleetscribe_flex_decode"
 CHOICES = ("sdpa", "matmul", "flex")
 _compiled_flex = None  # torch.compile(flex_attention), made on first use (the GPU thread)
 BACKEND = "inductor"  # its backend (the tests trace with aot_eager: no CPU codegen)
-flex_failure: str | None = None  # why compiling it failed, once (SDPA from then on)
+# Why it failed, once (`flex_fallback.failure`): SDPA from then on.
+flex_fallback = CompilerFallback(log, "FlexAttention decode", instead="SDPA")
 
 
 def matmul_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -72,12 +73,16 @@ def flex_decode_attention(module, query, key, value, attention_mask, scaling=Non
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    global _compiled_flex, flex_failure
+    global _compiled_flex
     rows, _, q_len, dim = query.shape
-    if q_len != 1 or flex_failure is not None:
+
+    def sdpa():
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
+
+    if q_len != 1 or flex_fallback.failure is not None:
+        return sdpa()
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -96,17 +101,12 @@ def flex_decode_attention(module, query, key, value, attention_mask, scaling=Non
                 return score + mask[b, kv_idx].to(score.dtype)
 
     scale = dim**-0.5 if scaling is None else scaling
-    try:
+
+    def flex():
         out = _compiled_flex(query, key, value, score_mod=score_mod, scale=scale, enable_gqa=True)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # Dynamo, Inductor or Triton: SDPA gives the same attention
-        flex_failure = one_line(e)
-        log.warning("FlexAttention decode failed (%s); SDPA from now on", flex_failure)
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, **kwargs
-        )
-    return out.transpose(1, 2), None
+        return out.transpose(1, 2), None
+
+    return flex_fallback.run(flex, sdpa)
 
 
 def use_decode_attention(model, choice: str) -> None:

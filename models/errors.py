@@ -1,6 +1,15 @@
-"""Expected failures of loading and running the model."""
+"""Expected failures of loading and running the model, and how a failed compiled path
+gives way to its eager twin."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from config.errors import ExpectedError
+
+T = TypeVar("T")
 
 
 class ModelError(ExpectedError):
@@ -25,3 +34,30 @@ def one_line(error: BaseException) -> str:
         names.append(type(root).__name__)
     lines = [line for line in str(root).strip().splitlines() if line.strip()]
     return f"{': '.join(names)}: {lines[0] if lines else ''}"
+
+
+class CompilerFallback:
+    """A compiled path (torch.compile: Dynamo, Inductor, Triton) beside an eager twin that
+    computes the same: `run` takes the compiled one until it fails once, then the twin for
+    good. The reason is kept (`failure`, one line) and logged once, on the caller's `log`,
+    as "`what` failed (...); `instead` from now on". Out of memory is the caller's, as in
+    eager."""
+
+    def __init__(self, log: logging.Logger, what: str, instead: str = "eager"):
+        self.log, self.what, self.instead = log, what, instead
+        self.failure: str | None = None
+
+    def run(self, compiled: Callable[[], T], eager: Callable[[], T]) -> T:
+        import torch
+
+        if self.failure is None:
+            try:
+                return compiled()
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:
+                self.failure = one_line(e)
+                self.log.warning(
+                    "%s failed (%s); %s from now on", self.what, self.failure, self.instead
+                )
+        return eager()

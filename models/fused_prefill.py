@@ -21,7 +21,7 @@ decode steps, captured as CUDA graphs, keep the eager ops. The vision tower is u
 Compiled kernels round differently from eager ones in the last bit, so greedy tokens may
 differ from `generate`'s where two logits almost tie (`benchmarks/gpu_smoke.py` counts
 how often). If the compiler fails, the reason is logged once and the eager ops run from
-then on; an out-of-memory error is the caller's, as in eager.
+then on (models.errors.CompilerFallback); out of memory is the caller's, as in eager.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
-from models.errors import one_line
+from models.errors import CompilerFallback
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("eager", "fused")
 BACKEND = "inductor"  # torch.compile's backend (the tests trace with aot_eager: no codegen)
 
 
@@ -80,7 +79,7 @@ class FusedPrefill:
 
         decoder = model.get_decoder()
         text = model.config.get_text_config()
-        self.failure: str | None = None  # the compiler's error, once it failed
+        self.fallback = CompilerFallback(log, "fused prefill")  # one for the three ops
         compile_ = functools.partial(
             torch.compile, dynamic=True, fullgraph=True, backend=backend or BACKEND
         )
@@ -102,20 +101,18 @@ class FusedPrefill:
         if self.modeling is not None and not hasattr(self.modeling, "apply_rotary_pos_emb"):
             self.modeling = None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the compiler failed, once it did (the eager ops run from then on)."""
+        return self.fallback.failure
+
     def _guarded(self, compiled: Callable, eager: Callable) -> Callable:
         """`compiled` until the compiler fails once (logged, with the reason), then `eager`."""
-        import torch
 
         def call(*args, **kwargs):
-            if self.failure is None:
-                try:
-                    return compiled(*args, **kwargs)
-                except torch.OutOfMemoryError:
-                    raise
-                except Exception as e:  # Dynamo, Inductor or Triton: the eager op is the same
-                    self.failure = one_line(e)
-                    log.warning("fused prefill failed (%s); eager from now on", self.failure)
-            return eager(*args, **kwargs)
+            return self.fallback.run(
+                lambda: compiled(*args, **kwargs), lambda: eager(*args, **kwargs)
+            )
 
         return call
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from models.errors import one_line
 from models.loader import vision_language_model
 from models.vision_attention import NAME as RUNS_ATTENTION
 
@@ -205,11 +206,10 @@ class VisionEncoder:
                 kind = "out of memory" if isinstance(e, torch.OutOfMemoryError) else "error"
                 if self.failure != kind:
                     log.warning(
-                        "encoding %d videos ahead failed (%s: %s); they are encoded with "
-                        "their batch instead",
+                        "encoding %d videos ahead failed (%s); they are encoded with their "
+                        "batch instead",
                         len(todo),
-                        type(e).__name__,
-                        str(e).splitlines()[0][:160] if str(e) else "",
+                        one_line(e),
                     )
                 self.failure = kind
                 return
