@@ -156,6 +156,14 @@ class QueueDepths:
         return None if self.unknown else sum(self.queues.get(queue, {}).values())
 
 
+def redis_lists(settings: Settings, queue: str) -> list[str]:
+    """The Redis lists a queue's waiting messages are kept in: one per priority step, named
+    as kombu names them (the queue itself for priority 0, then `queue{sep}{priority}`)."""
+    options = celery_config(settings)["broker_transport_options"]
+    sep = options["sep"]
+    return [f"{queue}{sep}{p}" if p else queue for p in options["priority_steps"]]
+
+
 def queue_depths(settings: Settings, *, timeout_s: float = 3.0) -> QueueDepths:
     """How many messages wait in the describe and train queues. Reads only: nothing is
     declared, consumed or made (the filesystem broker's folder is counted as it is)."""
@@ -170,13 +178,11 @@ def queue_depths(settings: Settings, *, timeout_s: float = 3.0) -> QueueDepths:
         return QueueDepths(unknown="the memory broker lives inside one process")
     import redis
 
-    options = celery_config(settings)["broker_transport_options"]
-    sep, steps = options["sep"], options["priority_steps"]
     client = redis.Redis.from_url(
         settings.broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
     )
     try:
-        keys = {q: [f"{q}{sep}{p}" if p else q for p in steps] for q in names}
+        keys = {q: redis_lists(settings, q) for q in names}
         with client.pipeline(transaction=False) as pipe:
             for q in names:
                 for key in keys[q]:

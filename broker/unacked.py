@@ -21,7 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from broker.celery_app import DESCRIBE_QUEUE, celery_config, make_celery
+from broker.celery_app import DESCRIBE_QUEUE, make_celery, redis_lists
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ def missing_from_broker(settings: Settings, video_ids: list[int]) -> list[int] |
     lost one from the count until it is taken."""
     if not settings.broker_url.startswith(("redis://", "rediss://")):
         return None
-    options = celery_config(settings)["broker_transport_options"]
-    sep = options["sep"]
-    keys = [f"{DESCRIBE_QUEUE}{sep}{p}" if p else DESCRIBE_QUEUE for p in options["priority_steps"]]
+    keys = redis_lists(settings, DESCRIBE_QUEUE)
     app = make_celery(settings)
     try:
         with app.connection_for_write() as conn:

@@ -238,21 +238,20 @@ def _sent_unclaimed(published_before: datetime | None):
     return sent if published_before is None else sent & (Video.published_at < published_before)
 
 
-def sent_unclaimed_ids(*, session: Session, published_before: datetime | None = None) -> list[int]:
-    """Queued videos whose message was confirmed (before `published_before`, if given)
-    and that no worker has claimed: each message should be on the broker, waiting or
-    handed out."""
-    return list(
-        session.scalars(
-            select(Video.id).where(_sent_unclaimed(published_before)).order_by(Video.id)
-        )
-    )
+def sent_unclaimed(*, session: Session, published_before: datetime) -> list[tuple[int, bool]]:
+    """Queued videos whose message was confirmed and that no worker has claimed (each one's
+    message should be on the broker, waiting or handed out): the id of each, and whether
+    it was confirmed before `published_before`."""
+    older = Video.published_at < published_before
+    rows = session.execute(select(Video.id, older).where(_sent_unclaimed(None)).order_by(Video.id))
+    return [(video_id, bool(old)) for video_id, old in rows]
 
 
 def still_sent_unclaimed(
     *, session: Session, video_ids: list[int], published_before: datetime
 ) -> list[Video]:
-    """Of these videos, those still as `sent_unclaimed_ids` found them, locked."""
+    """Of these videos, those still sent, unclaimed and confirmed before
+    `published_before`, locked."""
     if not video_ids:
         return []
     return list(

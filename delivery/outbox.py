@@ -185,21 +185,17 @@ def send_again(
     if lapse_s is None:
         lapse_s = settings.heartbeat_lapse_s
     now = utcnow()
+    lapsed_before = now - timedelta(seconds=lapse_s)
     vanished_ids = _vanished(
-        sessions=sessions,
-        settings=settings,
-        published_before=now - timedelta(seconds=lapse_s),
-        recheck_s=recheck_s,
+        sessions=sessions, settings=settings, published_before=lapsed_before, recheck_s=recheck_s
     )
     with session_scope(sessions) as session:
-        orphans = store.orphaned(session=session, lapsed_before=now - timedelta(seconds=lapse_s))
+        orphans = store.orphaned(session=session, lapsed_before=lapsed_before)
         seen = {v.id for v in orphans}
         vanished = [
             v
             for v in store.still_sent_unclaimed(
-                session=session,
-                video_ids=vanished_ids,
-                published_before=now - timedelta(seconds=lapse_s),
+                session=session, video_ids=vanished_ids, published_before=lapsed_before
             )
             if v.id not in seen
         ]
@@ -249,10 +245,10 @@ def _vanished(
     from broker.unacked import missing_from_broker
 
     with session_scope(sessions) as session:
-        # All of them, for the broker's count; only those sent before the lapse can be lost.
-        sent = store.sent_unclaimed_ids(session=session)
-        old = set(store.sent_unclaimed_ids(session=session, published_before=published_before))
-    missing = [video_id for video_id in sent if video_id in old]
+        rows = store.sent_unclaimed(session=session, published_before=published_before)
+    # All of them, for the broker's count; only those sent before the lapse can be lost.
+    sent = [video_id for video_id, _ in rows]
+    missing = [video_id for video_id, old in rows if old]
     for look in range(2):
         if not missing:
             return []
