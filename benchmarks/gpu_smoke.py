@@ -39,6 +39,11 @@ def _texts(answers) -> list[str]:
     return [a.text for a in answers]
 
 
+def _rows_equal(answers, reference) -> int:
+    """How many rows' answers are the same as the reference's."""
+    return sum(a == b for a, b in zip(_texts(answers), _texts(reference), strict=True))
+
+
 def _run(loaded, generation: str, videos, *, constrained: bool, lengths=None, **knobs):
     from models.runner import ModelRunner, RunnerConfig, report_grammar
     from models.vision_attention import use_runs_attention
@@ -81,9 +86,7 @@ def check(loaded, videos, quant: str, adapter: str) -> dict:
         attentions[choice] = {
             "path": [t.path for t in runner.timings],
             "capture_failure": runner._loop.failure if runner._loop else None,
-            "rows_equal_to_sdpa": sum(
-                a == b for a, b in zip(_texts(answers), _texts(graph_answers), strict=True)
-            ),
+            "rows_equal_to_sdpa": _rows_equal(answers, graph_answers),
         }
     attentions["flex"]["failure"] = decode_attention.flex_fallback.failure
     four_bit = [n for n, m in loaded.model.named_modules() if type(m).__name__ == "Linear4bit"]
@@ -111,9 +114,7 @@ def check(loaded, videos, quant: str, adapter: str) -> dict:
         "fused_prefill": {
             "failure": fused._loop.prefill.failure if fused._loop else "no loop",
             "path": [t.path for t in fused.timings],
-            "rows_equal_to_graph": sum(
-                a == b for a, b in zip(_texts(fused_answers), _texts(graph_answers), strict=True)
-            ),
+            "rows_equal_to_graph": _rows_equal(fused_answers, graph_answers),
             "rows": len(videos),
         },
         "decode_attention": attentions,

@@ -189,6 +189,7 @@ def run_batched(
     Unconstrained, every answer is forced to `new_tokens` (or, with `lengths`, stops at
     its own length); constrained (the report grammar), answers end where the grammar lets
     them."""
+    from models import decode_attention as attention
     from models.compat import allow_compiling_nf4
     from models.decode_attention import use_decode_attention
     from models.memory import apply_memory_cap
@@ -309,8 +310,6 @@ def run_batched(
     row["generation"] = generation
     row["decode_attention"] = decode_attention
     row["prefill"] = prefill
-    from models import decode_attention as attention
-
     if decode_attention == "flex" and attention.flex_fallback.failure:
         row["decode_attention_failure"] = attention.flex_fallback.failure
     if runner._loop is not None and getattr(runner._loop.prefill, "failure", None):

@@ -210,12 +210,19 @@ def _spy_encodes(runner, prepared):
     return runs, mock.patch.object(runner.encoder, "_encode", side_effect=spied)
 
 
-def test_the_next_batch_is_encoded_while_this_one_decodes(tiny_loaded, videos):
-    knobs = dict(max_new_tokens=12, batch_size=4, constrained=False)
+def _spied_loop(tiny_loaded, videos, max_new_tokens: int):
+    """`generate`'s answers for `videos` (the reference), and the engine's loop in batches of
+    4 with the videos prepared and its vision tower's runs recorded (`_spy_encodes`)."""
+    knobs = dict(max_new_tokens=max_new_tokens, batch_size=4, constrained=False)
     reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
     runner = make_runner(tiny_loaded, generation="loop", **knobs)
     prepared = [runner.prepare(v) for v in videos]
     runs, spy = _spy_encodes(runner, prepared)
+    return reference, runner, prepared, runs, spy
+
+
+def test_the_next_batch_is_encoded_while_this_one_decodes(tiny_loaded, videos):
+    reference, runner, prepared, runs, spy = _spied_loop(tiny_loaded, videos, 12)
     with spy:
         first = runner.generate(prepared[:4], upcoming=lambda: prepared[4:])
         assert all(p.encoded is not None for p in prepared[4:])  # ready for their batch
@@ -265,11 +272,7 @@ def test_videos_queued_later_wait_for_a_group_then_go_ahead_anyway(tiny_loaded, 
 def test_the_batcher_hands_the_runner_the_videos_queued_behind_a_batch(tiny_loaded, videos):
     from worker.batcher import Batcher
 
-    knobs = dict(max_new_tokens=16, batch_size=4, constrained=False)
-    reference = make_runner(tiny_loaded, generation="generate", **knobs).answer(videos)
-    runner = make_runner(tiny_loaded, generation="loop", **knobs)
-    prepared = [runner.prepare(v) for v in videos]
-    runs, spy = _spy_encodes(runner, prepared)
+    reference, runner, prepared, runs, spy = _spied_loop(tiny_loaded, videos, 16)
     with spy:
         batcher = Batcher(runner, wait_s=0.5)
         futures = [batcher.submit(p) for p in prepared]
