@@ -16,9 +16,10 @@ at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15
 `--grammar` adds both paths under the report grammar, `--lengths` both paths with answers
 that stop at different lengths (drawn from a distribution), so compaction shows, and
 `--profile` a torch.profiler summary of the phase before the first token (`--profile-decode`
-of decode steps), `--decode-attention sdpa,matmul,flex` the loop's rows with the opt-in
-decode attentions (models.decode_attention) too, and `--prefill eager,fused` with the opt-in fused
-prefill (models.fused_prefill; its first batch, the warm-up, compiles it).
+of decode steps). `--decode-attention` (models.decode_attention: sdpa, matmul, flex) and
+`--prefill` (models.fused_prefill: eager, fused; its first batch, the warm-up, compiles it)
+name the loop's own choice first (its plain, grammar and lengths rows) and add a row for
+every other pair.
 `--e2e` adds the same videos through a real Redis and a real `python -m worker`.
 
 On a CPU (a smoke run of the same code): --shape small --quant fp32 --settings cpu.
@@ -371,7 +372,8 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
         args.frames = frames
         plain: dict[str, dict] = {}
         for path in paths:
-            plain[path] = run_batched(loaded, clips, args, cap, compile="", generation=path)
+            own = _own_choice(args, path)
+            plain[path] = run_batched(loaded, clips, args, cap, "", generation=path, **own)
             rows.append(plain[path])
             log(f"{name}, {frames} frames: {path} done: {rows[-1]}")
             progress(rows)
@@ -395,14 +397,15 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
             for path in paths:
                 # Constrained answers end where the grammar says; the cost of the constraint
                 # is its time against the same path forced to the same number of steps.
+                own = _own_choice(args, path)
                 constrained = run_batched(
-                    loaded, clips, args, cap, compile="", constrained=True, generation=path
+                    loaded, clips, args, cap, "", constrained=True, generation=path, **own
                 )
                 steps = constrained["mean_batch_steps"]
                 same, extra = plain[path], []
                 if steps != same["mean_batch_steps"]:
                     same = run_batched(
-                        loaded, clips, args, cap, compile="", new_tokens=steps, generation=path
+                        loaded, clips, args, cap, "", new_tokens=steps, generation=path, **own
                     )
                     extra = [same]
                 constrained["grammar_cost"] = round(constrained["seconds"] / same["seconds"] - 1, 3)
@@ -411,8 +414,11 @@ def run_setting(name: str, model_dir: Path, clips: list[Path], args) -> list[dic
                 progress(rows)
         if lengths is not None and frames == counts[0]:
             for path in paths:
+                own = _own_choice(args, path)
                 rows.append(
-                    run_batched(loaded, clips, args, cap, "", generation=path, lengths=lengths)
+                    run_batched(
+                        loaded, clips, args, cap, "", generation=path, lengths=lengths, **own
+                    )
                 )
                 log(f"{name}, {frames} frames: {path} with lengths done: {rows[-1]}")
                 progress(rows)
@@ -450,16 +456,29 @@ def _counts(text: str) -> list[int]:
     return [int(f) for f in str(text).split(",")]
 
 
+def _choices(text: str) -> list[str]:
+    return [c for c in text.split(",") if c]
+
+
+def _own_choice(args, path: str) -> dict[str, str]:
+    """The loop's own decode attention and prefill for its plain, grammar and lengths
+    rows: the first of --decode-attention and of --prefill (HF generate keeps
+    transformers' own)."""
+    if path == "generate":
+        return {"decode_attention": "sdpa", "prefill": "eager"}
+    attention = _choices(args.decode_attention)[0]
+    return {"decode_attention": attention, "prefill": _choices(args.prefill)[0]}
+
+
 def _variants(args, path: str) -> list[tuple[str, str]]:
-    """The opt-in (decode attention, prefill) pairs to run `path` with besides the default
-    (sdpa, eager): every pair of --decode-attention and --prefill, so the best combination
-    is measured too. The engine's loop only (HF generate keeps transformers' own)."""
+    """The other (decode attention, prefill) pairs to run `path` with besides its own
+    (the first of each list): every pair of --decode-attention and --prefill, so the best
+    combination is measured too. The engine's loop only."""
     if path == "generate":
         return []
-    attentions = [a for a in args.decode_attention.split(",") if a]
-    prefills = [p for p in args.prefill.split(",") if p]
-    pairs = [(a, p) for a in attentions for p in prefills]
-    return [pair for pair in pairs if pair != ("sdpa", "eager")]
+    own = tuple(_own_choice(args, path).values())
+    pairs = [(a, p) for a in _choices(args.decode_attention) for p in _choices(args.prefill)]
+    return [pair for pair in pairs if pair != own]
 
 
 def _grammar_frames(args) -> set[int]:
@@ -862,10 +881,10 @@ def main() -> int:
     parser.add_argument(
         "--decode-attention",
         default="sdpa",
-        help="also the loop's rows with these decode attentions: sdpa,matmul,flex",
+        help="the loop's decode attention (the first), and rows with the others: sdpa,matmul,flex",
     )
     parser.add_argument(
-        "--prefill", default="eager", help="also the loop's rows with these prefills: eager,fused"
+        "--prefill", default="eager", help="the loop's prefill (the first), rows with the others"
     )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="upper bound per batch")
