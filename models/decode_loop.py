@@ -15,7 +15,7 @@ step is one forward of the text decoder over fixed buffers:
 On CUDA the step of each bucket is captured once as a CUDA graph (after one eager step of
 that bucket, which serves as the warm-up) and replayed; on the CPU (and where capture
 fails, logged once with the reason) the same step runs eagerly. Between replays: the
-grammar's masks (filled on its background thread while the step ran) are applied, the
+grammar's masks (filled while the step ran) are applied, the
 argmax is taken, rows that chose a stop token stop, and when the live rows fit a smaller
 bucket they are moved to the front of every buffer (one gather per layer) so finished rows
 stop costing. A batch that reaches the end of its answer room with rows still writing (the
@@ -293,7 +293,9 @@ class DecodeLoop:
             # The one synchronisation of a step.
             picked = picks.receive() if launched is not None else chosen[:n].tolist()
             if grammar is not None:  # rows already finished are ignored by their matchers
-                grammar.accept(picked)
+                # Filled here while the device runs the next step; on the background
+                # thread when none is launched (the buffers change first).
+                grammar.accept(picked, fill_now=launched is not None)
             live = self._record(picked, order, result, stop_after)
         result.graphs = self.use_graphs  # False once a capture failed
         return result

@@ -77,15 +77,24 @@ class GrammarMasks:
                 [self.matchers[i] for i in live], self.bitmask, live
             )
 
-    def accept(self, tokens: list[int]) -> None:
-        """The tokens just chosen, one per row; starts filling the next step's masks."""
+    def accept(self, tokens: list[int], *, fill_now: bool = False) -> None:
+        """The tokens just chosen, one per row; starts filling the next step's masks, on the
+        background thread, or with `fill_now` here (the engine's loop, whose thread has
+        nothing else to do while the device runs the next step: no hand-over between two
+        threads, each a wait for the GIL, on the path between one step and the next)."""
         live = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]
         accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(
             [self.matchers[i] for i in live], [tokens[i] for i in live]
         )
         if not all(accepted):
             raise RuntimeError("a token outside the grammar was chosen")
-        self._next = self._filler.submit(self._fill)
+        if not fill_now:
+            self._next = self._filler.submit(self._fill)
+            return
+        # Any fill still queued (the first step's, or after `keep`) was waited for by the
+        # step that used it, so the filler thread is idle: still one thread at a time.
+        self._fill()
+        self._next = _DONE
 
     def keep(self, rows: list[int]) -> None:
         """Only the rows at these positions go on, in this order (the engine's loop moved
@@ -111,6 +120,17 @@ class GrammarMasks:
         mask = self.bitmask.to(scores.device, non_blocking=cuda)
         self._xgr.apply_token_bitmask_inplace(scores, mask)
         return scores
+
+
+def _done():
+    from concurrent.futures import Future
+
+    future = Future()
+    future.set_result(None)
+    return future
+
+
+_DONE = _done()  # the masks are filled already
 
 
 class _AfterStep:
