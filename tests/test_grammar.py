@@ -81,6 +81,8 @@ def test_the_longest_report_is_accepted_valid_and_as_long_as_the_worst_case(repo
     "change",
     [
         lambda r: r.update(scene_description="s" * (grammar.SCENE_CHARS + 1)),
+        lambda r: r["hazards"][0].update(description="h" * (grammar.HAZARD_CHARS + 1)),
+        lambda r: r.update(risk_assessment="r" * (grammar.RISK_CHARS + 1)),
         lambda r: r.update(scene_description=""),
         lambda r: r.update(scene_description='say "hi"'),
         lambda r: r["driving_parameters"].update(weather="sunny"),
@@ -89,7 +91,7 @@ def test_the_longest_report_is_accepted_valid_and_as_long_as_the_worst_case(repo
         lambda r: r["hazards"][0].update(frame=8),  # only 8 frames were sampled
         lambda r: r.update(extra="no"),
     ],
-    ids=["long", "empty", "quote", "enum", "lanes", "hazards", "frame", "extra-key"],
+    ids=["long", "long-hazard", "long-risk", "empty", "quote", "enum", "lanes", "hazards", "frame", "extra-key"],
 )
 def test_the_grammar_refuses_what_the_schema_or_the_video_forbids(report_grammar, change):
     report = _longest(8)
