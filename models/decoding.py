@@ -65,13 +65,19 @@ class GrammarMasks:
         self._batch = batch_matcher
         self._filler = filler
         self.matchers = [xgr.GrammarMatcher(g) for g in grammars]
+        # Which rows' matchers have ended (accepted a stop token), kept here rather than
+        # asked of each matcher every step: each call into xgrammar gives up the GIL, and
+        # with busy threads beside (a worker's feeders) taking it back costs up to the
+        # interpreter's switch interval (5 ms) a call, 128 rows a step.
+        self.ended = [False] * len(grammars)
+        self._stops = set(grammars[0].tokenizer_info.stop_token_ids)
         vocab = grammars[0].tokenizer_info.vocab_size
         self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab)
         self._next = None  # the Future of the next step's masks
         self.after_step = _AfterStep(self)
 
     def _fill(self) -> None:
-        live = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]
+        live = [i for i, ended in enumerate(self.ended) if not ended]
         if live:
             self._batch.batch_fill_next_token_bitmask(
                 [self.matchers[i] for i in live], self.bitmask, live
@@ -82,12 +88,14 @@ class GrammarMasks:
         background thread, or with `fill_now` here (the engine's loop, whose thread has
         nothing else to do while the device runs the next step: no hand-over between two
         threads, each a wait for the GIL, on the path between one step and the next)."""
-        live = [i for i, m in enumerate(self.matchers) if not m.is_terminated()]
+        live = [i for i, ended in enumerate(self.ended) if not ended]
         accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(
             [self.matchers[i] for i in live], [tokens[i] for i in live]
         )
         if not all(accepted):
             raise RuntimeError("a token outside the grammar was chosen")
+        for i in live:  # a matcher ends exactly when it accepts a stop token
+            self.ended[i] = tokens[i] in self._stops
         if not fill_now:
             self._next = self._filler.submit(self._fill)
             return
@@ -102,6 +110,7 @@ class GrammarMasks:
         if self._next is not None:
             self._next.result()
         self.matchers = [self.matchers[i] for i in rows]
+        self.ended = [self.ended[i] for i in rows]
         self.bitmask = self.bitmask[: len(rows)]
         self._next = self._filler.submit(self._fill)
 

@@ -91,7 +91,18 @@ def test_the_longest_report_is_accepted_valid_and_as_long_as_the_worst_case(repo
         lambda r: r["hazards"][0].update(frame=8),  # only 8 frames were sampled
         lambda r: r.update(extra="no"),
     ],
-    ids=["long", "long-hazard", "long-risk", "empty", "quote", "enum", "lanes", "hazards", "frame", "extra-key"],
+    ids=[
+        "long",
+        "long-hazard",
+        "long-risk",
+        "empty",
+        "quote",
+        "enum",
+        "lanes",
+        "hazards",
+        "frame",
+        "extra-key",
+    ],
 )
 def test_the_grammar_refuses_what_the_schema_or_the_video_forbids(report_grammar, change):
     report = _longest(8)
@@ -154,3 +165,27 @@ def test_constrained_batched_output_equals_one_at_a_time(loaded, random_videos, 
     longer = sum(n > first_pass for n in lengths)
     assert longer == 2
     assert f"{longer} of {len(videos)} answers still going at {first_pass} tokens" in caplog.text
+
+
+def test_the_masks_know_which_rows_ended_without_asking_each_matcher(loaded, report_grammar):
+    """GrammarMasks keeps which rows have ended (so it need not call into xgrammar for each
+    row each step); it must agree with the matchers, also after `keep` reorders the rows."""
+    import torch
+
+    quote = loaded.processor.tokenizer.convert_tokens_to_ids('"')
+    masks = report_grammar.masks([8, 3, 1])
+    generator = torch.Generator().manual_seed(0)
+    masks(None, torch.zeros(3, masks.bitmask.shape[1] * 32))
+    steps = 0
+    while not all(masks.ended):
+        logits = torch.rand(3, masks.bitmask.shape[1] * 32, generator=generator)
+        masks(None, logits)
+        # A quote wherever one is allowed: texts close at once, so the answers end soon.
+        tokens = torch.where(logits[:, quote] > float("-inf"), quote, logits.argmax(-1))
+        masks.accept(tokens.tolist(), fill_now=steps % 2 == 0)
+        assert masks.ended == [m.is_terminated() for m in masks.matchers]
+        steps += 1
+        if steps == 20:
+            masks.keep([2, 0, 1])
+        assert steps < 3000
+    assert steps > 20
