@@ -4,13 +4,15 @@ it to them token by token).
 The grammar (EBNF, compiled by xgrammar for the model's tokenizer) admits a strict subset
 of the published report schema (`models.schema`):
 - compact JSON with the keys in schema order;
-- text is printable ASCII without quotes or backslashes, with a length bound, so every
-  token inside the answer adds at least one character;
+- text is printable ASCII without quotes or backslashes, so every token inside the answer
+  adds at least one character; each text is asked for in the prompt at up to its target
+  length (SCENE_CHARS, ...: what training's answers are cut to) and bounded while decoding
+  MARGIN_CHARS past it;
 - enums, booleans and bounded integers spelled out, hazards bounded in number, and a
   hazard's frame index below the number of frames actually sampled.
-`worst_case_chars` is the length of the longest answer it admits; the runner never stops a
-constrained answer before that many tokens, so no answer is cut off: every answer is
-valid schema v1 by construction, whatever the weights.
+`worst_case_tokens` is the length of the longest answer it admits, so the most tokens it
+can take; the runner never stops a constrained answer before that many, so no answer is
+cut off: every answer is valid schema v1 by construction, whatever the weights.
 
 Why xgrammar, and not outlines or lm-format-enforcer: see benchmarks/grammar_compare.py.
 (Its JSON-Schema front end ignores maxLength beside a pattern and fails on a bounded
@@ -26,11 +28,14 @@ from typing import Any
 
 from models import schema as s
 
-# Bounds while decoding (the published schema's are looser maxima for any producer).
+# Each text's target length in characters: what the prompt asks for and training's answers
+# are cut to (`answer_text`); while decoding, a text may run MARGIN_CHARS past it (see
+# report_grammar). The published schema's are looser maxima for any producer.
 SCENE_CHARS = 600
 RISK_CHARS = 400
 HAZARD_CHARS = 120
 HAZARDS = 5
+MARGIN_CHARS = 32
 MAX_FRAMES = 64  # the most frames a video may be sampled at (FLEETSCRIBE_FRAMES)
 
 # Printable ASCII except '"' (0x22) and '\\' (0x5c).
@@ -77,13 +82,16 @@ def report_grammar(frames: int) -> str:
         "hazard": hazard,
     }
     for n in sorted({SCENE_CHARS, RISK_CHARS, HAZARD_CHARS}):
-        # The same language as `_CHAR{1,n}`, the bound written as xgrammar's character
-        # budget on the rule (`max_chars`) rather than as a counted repetition, whose masks
-        # cost more the further into the text (xgrammar issue 852): with 151,643 tokens,
-        # about 0.4 ms a row 100-300 characters in, against 0.013 ms under the budget, which
-        # costs more only within a token's length of the bound (benchmarks/grammar_host.py).
+        # The same language as `_CHAR{1,n + margin}`, the bound written as xgrammar's
+        # character budget on the rule: a counted repetition's masks cost more the further
+        # into the text (xgrammar issue 852). The budget's cost nothing until a row comes
+        # within a token's length of the bound; there, xgrammar checks every token longer
+        # than the characters left one by one (30-150 ms a row for the real 151,643-token
+        # vocabulary: one row holds up the batch's step). Hence the margin past the target:
+        # a model that ends its texts by their targets, as training teaches, never comes
+        # near the bound (benchmarks/grammar_host.py measures the three side by side).
         rules[f"text{n}"] = f'"\\"" chars{n} "\\""'
-        rules[f"chars{n}[max_chars={n}]"] = f"{_CHAR}+"
+        rules[f"chars{n}[max_chars={n + MARGIN_CHARS}]"] = f"{_CHAR}+"
     return "\n".join(f"{name} ::= {body}" for name, body in rules.items()) + "\n"
 
 
@@ -103,11 +111,12 @@ def _numbers(top: int) -> str:
     return "(" + " | ".join(f'"{n}"' for n in range(top + 1)) + ")"
 
 
-def worst_case_chars(frames: int) -> int:
-    """Length of the longest compact JSON the decoding schema admits (tokens, at most)."""
+def worst_case_tokens(frames: int) -> int:
+    """The length of the longest compact JSON the decoding grammar admits: the most tokens a
+    constrained answer can take (without the stop token)."""
     longest = {
         "schema_version": s.SCHEMA_VERSION,
-        "scene_description": "x" * SCENE_CHARS,
+        "scene_description": "x" * (SCENE_CHARS + MARGIN_CHARS),
         "driving_parameters": {
             name: _longest_value(field.annotation)
             for name, field in s.DrivingParameters.model_fields.items()
@@ -115,12 +124,12 @@ def worst_case_chars(frames: int) -> int:
         "hazards": [
             {
                 "kind": _longest_value(s.HazardKind),
-                "description": "x" * HAZARD_CHARS,
+                "description": "x" * (HAZARD_CHARS + MARGIN_CHARS),
                 "frame": frames - 1,
             }
         ]
         * HAZARDS,
-        "risk_assessment": "x" * RISK_CHARS,
+        "risk_assessment": "x" * (RISK_CHARS + MARGIN_CHARS),
     }
     return len(json.dumps(longest, separators=(",", ":")))
 

@@ -197,9 +197,9 @@ class ModelRunner:
         # the grammar, never less than its longest admitted answer, so none is cut off.
         self.answer_tokens = config.max_new_tokens
         if constrained:
-            from models.grammar import MAX_FRAMES, worst_case_chars
+            from models.grammar import MAX_FRAMES, worst_case_tokens
 
-            self.answer_tokens = max(config.max_new_tokens, worst_case_chars(MAX_FRAMES) + 1)
+            self.answer_tokens = max(config.max_new_tokens, worst_case_tokens(MAX_FRAMES) + 1)
         # Under the grammar, batches first run with room for this many answer tokens (0: the
         # whole bound). The few answers still being written then are described again, with
         # room for the whole bound: so memory is sized for real answers, not the longest
