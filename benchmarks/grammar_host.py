@@ -1,26 +1,35 @@
 """The grammar's host work between two decode steps, side by side, one run: the report
-grammar as it was (each text's bound a counted repetition, `[...]{1,600}`) against as it is
-(the same language, the bound as xgrammar's character budget on the rule, `max_chars`), and
-the engine's loop filling the next step's masks on its own thread (`fill_now`) against
+grammar's text bounds three ways, each the same JSON around them:
+- `counted`: each text `[...]{1,N}` at its target N characters (the grammar of the GPU runs);
+- `max_chars`: xgrammar's character budget on the rule at N (be4f072);
+- `margin`: the character budget MARGIN_CHARS (32) past N (now), so that a row ending its
+  text by its target never comes near the bound;
+and the engine's loop filling the next step's masks on its own thread (`fill_now`) against
 handing the fill to the background thread and waiting for it; at the loop's batch size,
 optionally with busy Python threads beside it (a worker's feeders hold the GIL in part).
 
-    python benchmarks/grammar_host.py [--rows 128] [--steps 256] [--load 0,4] [--out FILE]
+    python benchmarks/grammar_host.py [--rows 128] [--steps 256] [--texts target] [--load 0,4]
+        [--switch 5,0.5] [--grammars counted,max_chars,margin] [--out FILE]
 
 Under the grammar, the next step's mask depends on this step's tokens: between the tokens
 reaching the host and the mask being ready lie the matchers' accept and fill, which the
 device hides only while they are shorter than a decode step (34 ms at 128 rows on the
 H100). This measures that path on the CPU, with the report grammar compiled by xgrammar
 for a vocabulary of the real model's size (151,643 tokens: bytes plus synthetic words,
-spaces, digits, punctuation and CJK; no download), tokens drawn at random among those each
-row's mask allows, and with chance `--close` a step a token starting with a quote where one
-is allowed (so texts close after about 50 tokens, as a model's descriptions might, rather
-than run to their bounds as a random model's do).
+spaces, digits, punctuation and CJK; no download). Each row's token is drawn at random
+among those its mask allows, except how texts end (untimed):
+- `--texts target` (default): a row ends each text (takes a token starting with a quote)
+  once it has written a length drawn uniformly between `--short` x N and N characters for
+  that text, as a model keeping to the prompt's targets does (trained on answers cut at a
+  word boundary to N, it ends long texts just short of N);
+- `--texts random`: with chance `--close` a step, wherever a quote is allowed (texts end
+  after about 50 tokens, whatever their target).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -33,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import grammar
 
 VOCAB = 151_643  # Qwen3's tokenizer without its added special tokens
 STOP = "<|im_end|>"
@@ -77,20 +88,70 @@ def busy(stop: threading.Event) -> None:
         sum(i * i for i in range(2000))
 
 
-def counted(grammar_text: str) -> str:
-    """The report grammar as it was: each text's bound a counted repetition."""
-    return re.sub(
-        r"^(chars\d+)\[max_chars=(\d+)\] ::= (.*)\+$", r"\1 ::= \3{1,\2}", grammar_text, flags=re.M
-    )
+_BUDGET = re.compile(r"^(chars(\d+))\[max_chars=\d+\] ::= (.*)\+$", re.M)
 
 
-def run(masks, quotes, steps: int, fill_now: bool, load: int, close: float, seed: int) -> dict:
+def as_was(grammar_text: str, how: str) -> str:
+    """The report grammar with its text bounds written as they were: `counted` or
+    `max_chars` at the target (see the module's docstring); `margin` as it is."""
+    if how == "counted":
+        return _BUDGET.sub(r"\1 ::= \3{1,\2}", grammar_text)
+    if how == "max_chars":
+        return _BUDGET.sub(r"\1[max_chars=\2] ::= \3+", grammar_text)
+    return grammar_text
+
+
+TEXT_KEYS = {  # the key before each text, and its target length in characters
+    b'"scene_description":': grammar.SCENE_CHARS,
+    b'"description":': grammar.HAZARD_CHARS,
+    b'"risk_assessment":': grammar.RISK_CHARS,
+}
+
+
+class TextEnds:
+    """Where each row's open text should end (`--texts target`), from the bytes it wrote:
+    texts hold no quotes, so a row is inside a string while it has written an odd number of
+    them, and inside a text when the key before that string is a text's."""
+
+    def __init__(self, vocab: list[bytes], rows: int, short: float, seed: int):
+        self.vocab, self.short = vocab, short
+        self.written = [bytearray() for _ in range(rows)]
+        self.targets: list[dict[int, int]] = [{} for _ in range(rows)]
+        self.rng = random.Random(seed)
+
+    def due(self, row: int) -> bool:
+        """Whether this row has written its open text's drawn length."""
+        out = self.written[row]
+        if out.count(b'"') % 2 == 0:
+            return False
+        opened = out.rfind(b'"')
+        bound = next((n for key, n in TEXT_KEYS.items() if out.endswith(key, 0, opened)), None)
+        if bound is None:
+            return False
+        target = self.targets[row].setdefault(
+            opened, self.rng.randint(int(self.short * bound), bound)
+        )
+        return len(out) - opened - 1 >= target
+
+    def opens(self, row: int) -> bool:
+        """Whether this row is about to open a text (it opens it with a bare quote, not with
+        a token that would end it at once, such as `":"`)."""
+        return any(self.written[row].endswith(key) for key in TEXT_KEYS)
+
+    def wrote(self, tokens: list[int]) -> None:
+        for out, token in zip(self.written, tokens, strict=True):
+            out += self.vocab[token]
+
+
+def run(masks, quotes, steps: int, fill_now: bool, load: int, ends, seed: int) -> dict:
     """Steps of a batch under the grammar: each row's token drawn at random among those its
-    mask allows, or with chance `close` one that starts with a quote where one is allowed
-    (untimed), then the path from the tokens to the next step's masks (timed)."""
+    mask allows, or one starting with a quote where one is allowed and `ends` says the
+    row's text is due to end (untimed); then the path from the tokens to the next step's
+    masks (timed). `ends`: a TextEnds, or the chance a step that a row ends a text."""
     import torch
 
     rows = len(masks.matchers)
+    quote = int(quotes[0])  # the bare quote (the first token that starts with one)
     generator = torch.Generator().manual_seed(seed)
     scores = torch.zeros(rows, masks.bitmask.shape[1] * 32)
     stop = threading.Event()
@@ -105,8 +166,14 @@ def run(masks, quotes, steps: int, fill_now: bool, load: int, close: float, seed
             tokens = logits.argmax(dim=-1)
             closing = logits[:, quotes].argmax(dim=-1)
             allowed = logits[:, quotes].amax(dim=-1) > float("-inf")
-            wanted = torch.rand(rows, generator=generator) < close
+            if isinstance(ends, TextEnds):
+                wanted = torch.tensor([ends.due(row) for row in range(rows)])
+            else:
+                wanted = torch.rand(rows, generator=generator) < ends
             tokens = torch.where(allowed & wanted, quotes[closing], tokens).tolist()
+            if isinstance(ends, TextEnds):
+                tokens = [quote if ends.opens(r) else t for r, t in enumerate(tokens)]
+                ends.wrote(tokens)
             began = time.perf_counter()
             masks.accept(tokens, fill_now=fill_now)
             masks._next.result()  # the next step's masks are ready
@@ -124,11 +191,30 @@ def run(masks, quotes, steps: int, fill_now: bool, load: int, close: float, seed
         "mean_ms": round(statistics.mean(paths_ms), 3),
         "p50_ms": round(paths_ms[len(paths_ms) // 2], 3),
         "p90_ms": round(paths_ms[int(len(paths_ms) * 0.9)], 3),
+        "p99_ms": round(paths_ms[int(len(paths_ms) * 0.99)], 3),
         "max_ms": round(paths_ms[-1], 3),
+        "steps_over_34ms": sum(p > 34 for p in paths_ms),
     }
 
 
-COLUMNS = ("grammar", "fill", "load_threads", "mean_ms", "p50_ms", "p90_ms", "max_ms", "x_as_was")
+COLUMNS = (
+    "grammar",
+    "fill",
+    "load_threads",
+    "switch_ms",
+    "mean_ms",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "steps_over_34ms",
+    "x_first",
+)
+GRAMMARS = {
+    "counted": "counted at target",
+    "max_chars": "max_chars at target",
+    "margin": "max_chars at target + 32",
+}
 
 
 def main() -> int:
@@ -138,7 +224,19 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--load", default="0", help="busy Python threads beside, e.g. 0,4")
     parser.add_argument(
-        "--close", type=float, default=0.02, help="chance a row takes a quote where it may"
+        "--switch",
+        default="",
+        help="the interpreter's switch intervals to run under, in ms (sys.setswitchinterval; "
+        "default: as it is, 5)",
+    )
+    parser.add_argument("--grammars", default="counted,max_chars,margin", help=", ".join(GRAMMARS))
+    parser.add_argument("--fills", default="background,now", help="background, now or both")
+    parser.add_argument("--texts", choices=("target", "random"), default="target")
+    parser.add_argument(
+        "--short", type=float, default=0.5, help="--texts target: shortest text, x target"
+    )
+    parser.add_argument(
+        "--close", type=float, default=0.02, help="--texts random: chance a row ends a text"
     )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
     args = parser.parse_args()
@@ -149,7 +247,6 @@ def main() -> int:
     from rich.table import Table
 
     from models.decoding import GrammarMasks
-    from models.grammar import report_grammar
 
     vocab = synthetic_vocab(VOCAB)
     info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, stop_token_ids=[len(vocab) - 1])
@@ -157,37 +254,61 @@ def main() -> int:
     compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
     batch = xgr.BatchGrammarMatcher()
     filler = ThreadPoolExecutor(1, thread_name_prefix="fleetscribe-grammar")
-    text = report_grammar(args.frames)
-    texts = {"as was (counted)": counted(text), "as is (max_chars)": text}
+    text = grammar.report_grammar(args.frames)
+    fills = [f == "now" for f in args.fills.split(",") if f]
     rows, compile_s = [], {}
-    for name, text in texts.items():
+    for how in [g for g in args.grammars.split(",") if g]:
+        name = GRAMMARS[how]
         began = time.perf_counter()
-        grammar = compiler.compile_grammar(text)
+        compiled = compiler.compile_grammar(as_was(text, how))
         compile_s[name] = round(time.perf_counter() - began, 2)
-        for load in [int(x) for x in args.load.split(",") if x]:
-            for fill_now in (False, True):
-                masks = GrammarMasks([grammar] * args.rows, batch, filler)
-                row = run(masks, quotes, args.steps, fill_now, load, args.close, seed=load)
-                row.update(grammar=name, compile_s=compile_s[name])
-                base = next(
-                    (r for r in rows if (r["fill"], r["load_threads"]) == (row["fill"], load)),
+        for load, switch in itertools.product(
+            [int(x) for x in args.load.split(",") if x],
+            [float(x) for x in args.switch.split(",") if x] or [None],
+        ):
+            if switch is not None:
+                sys.setswitchinterval(switch / 1000)
+            for fill_now in fills:
+                masks = GrammarMasks([compiled] * args.rows, batch, filler)
+                # The same draws for every grammar: the same seed, the same text lengths.
+                ends = args.close
+                if args.texts == "target":
+                    ends = TextEnds(vocab, args.rows, args.short, seed=load)
+                row = run(masks, quotes, args.steps, fill_now, load, ends, seed=load)
+                row.update(
+                    grammar=name,
+                    compile_s=compile_s[name],
+                    switch_ms=round(sys.getswitchinterval() * 1000, 3),
+                )
+                first = next(
+                    (
+                        r
+                        for r in rows
+                        if (r["fill"], r["load_threads"], r["switch_ms"])
+                        == (row["fill"], load, row["switch_ms"])
+                    ),
                     None,
                 )
-                if base is not None:
-                    row["x_as_was"] = round(base["mean_ms"] / row["mean_ms"], 2)
+                if first is not None:
+                    row["x_first"] = round(first["mean_ms"] / row["mean_ms"], 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
+    texts = (
+        f"texts end between {args.short} x and 1 x their target"
+        if args.texts == "target"
+        else f"texts end with chance {args.close} a step"
+    )
     title = (
         f"grammar host path per decode step: {args.rows} rows, {args.steps} steps, vocabulary "
-        f"{len(vocab):,}, {os.cpu_count()} cores; compile s {compile_s}"
+        f"{len(vocab):,}, {os.cpu_count()} cores, {texts}; compile s {compile_s}"
     )
     table = Table(title=title)
     for column in COLUMNS:
         table.add_column(column.replace("_", " "))
     for row in rows:
         table.add_row(*(str(row.get(c, "")) for c in COLUMNS))
-    console = Console(width=150, record=True)
+    console = Console(width=170, record=True)
     console.print(table)
     if args.out:
         result = {"args": vars(args), "cores": os.cpu_count(), "vocab": len(vocab), "rows": rows}
