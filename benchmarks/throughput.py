@@ -907,9 +907,22 @@ def main() -> int:
     parser.add_argument("--setup-only", action="store_true", help="write clips and model, stop")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--work", default=None, help="folder for the model and clips")
+    parser.add_argument(
+        "--switch-ms",
+        type=float,
+        default=None,
+        help="the interpreter's switch interval while measuring (default: a describe "
+        "worker's, SWITCH_INTERVAL_MS)",
+    )
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.txt")
     args = parser.parse_args()
     args.feeders = args.feeders or 2 * args.batch_size
+    # As a describe worker runs: its GPU thread beside the feeders preparing the next batch.
+    from config.settings import Settings
+
+    if args.switch_ms is None:
+        args.switch_ms = Settings.model_fields["switch_interval_ms"].default
+    sys.setswitchinterval(args.switch_ms / 1000)
     args.frames = _counts(args.frame_counts)[0]
     # The allocator setting the worker's model loader asks for, set before CUDA starts here
     # (the device query below, the memory cap): without it the runs of 2026-12-07 and

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     # batched products) or flex (FlexAttention's split-KV decoding kernel, compiled);
     # models/decode_attention.py. Opt-in until measured on a GPU.
     decode_attention: Literal["sdpa", "matmul", "flex"] = "sdpa"
+    # The interpreter's switch interval in a describe worker (sys.setswitchinterval): how
+    # long a thread waiting for the GIL lets a busy one run before asking for it. The GPU
+    # thread takes the GIL back after every call that gave it up (a device wait, the
+    # grammar's masks); beside busy threads (feeders preparing the next batch) each such
+    # wait costs up to this (Python's default is 5 ms; benchmarks/grammar_host.py --switch).
+    switch_interval_ms: float = Field(0.5, gt=0, le=100)
     # Prefill prompts this many tokens at a time (0: whole): the prefill's activations, about
     # half of a batch's peak memory with whole prompts, shrink, so more videos fit a batch.
     prefill_chunk: int = Field(512, ge=0)

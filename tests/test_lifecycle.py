@@ -133,9 +133,14 @@ def runtime(tiny_model, sqlite_url, tmp_path):
         first_pass_tokens=0,
     )
     upgrade_url(sqlite_url)
+    before = sys.getswitchinterval()
     rt = WorkerRuntime.open(settings)
+    # Open, the interpreter hands the GIL over at the setting's interval; closed, as before.
+    assert sys.getswitchinterval() == pytest.approx(settings.switch_interval_ms / 1000)
+    assert settings.switch_interval_ms / 1000 != before
     yield rt
     rt.close()
+    assert sys.getswitchinterval() == before
 
 
 def test_worker_describe_prints_the_report_a_worker_stores(runtime, tmp_path):

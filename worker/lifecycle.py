@@ -3,10 +3,12 @@
 `WorkerRuntime.open(settings)` builds it: the database engine and sessions, the model
 runner (the model is loaded now, so a worker without its model never consumes), the frame
 sampler (decoding processes, spawned on the first video) and the batcher (the GPU thread).
-`close()` stops them in the reverse order. A Celery worker opens it in its start-up step
-(`worker/app.py`), after any fork and before the consumer starts, starts its heartbeat, and
-closes it at shutdown; `python -m worker describe` opens one without a store. Nothing here
-runs at import time, and nothing keeps a module-level copy.
+`close()` stops them in the reverse order. While it is open, the process's interpreter
+switch interval is SWITCH_INTERVAL_MS (the GPU thread takes the GIL back sooner). A Celery
+worker opens it in its start-up step (`worker/app.py`), after any fork and before the
+consumer starts, starts its heartbeat, and closes it at shutdown; `python -m worker
+describe` opens one without a store. Nothing here runs at import time, and nothing keeps a
+module-level copy.
 
 The heartbeat thread renews this process's row in `workers` every HEARTBEAT_S and, every
 SWEEP_S, sends again what was lost (delivery.outbox.send_again): videos running on a worker
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -60,6 +63,7 @@ class WorkerRuntime:
     _close_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _heartbeat: threading.Thread | None = field(default=None, repr=False)
     _quiet: threading.Event = field(default_factory=threading.Event, repr=False)
+    _switch_interval: float = field(default_factory=sys.getswitchinterval, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, *, with_store: bool = True) -> WorkerRuntime:
@@ -102,6 +106,7 @@ class WorkerRuntime:
         )
         host = f"{socket.gethostname()}:{os.getpid()}"
         rt = cls(settings, runner, sampler, batcher, host, metrics, sessions, db_engine)
+        sys.setswitchinterval(settings.switch_interval_ms / 1000)  # close() puts it back
         if with_store:
             try:
                 rt.metrics_server = serve_process(
@@ -190,6 +195,7 @@ class WorkerRuntime:
             self.metrics_server.close()
         if self.db_engine is not None:
             self.db_engine.dispose()
+        sys.setswitchinterval(self._switch_interval)
         log.info("worker runtime closed")
 
     def __enter__(self) -> WorkerRuntime:
