@@ -84,7 +84,7 @@ def report_grammar(frames: int) -> str:
     for n in sorted({SCENE_CHARS, RISK_CHARS, HAZARD_CHARS}):
         # The same language as `_CHAR{1,n + margin}`, the bound written as xgrammar's
         # character budget on the rule: a counted repetition's masks cost more the further
-        # into the text (xgrammar issue 852). The budget's cost nothing until a row comes
+        # into the text (xgrammar issue 852). The budget costs nothing until a row comes
         # within a token's length of the bound; there, xgrammar checks every token longer
         # than the characters left one by one (30-150 ms a row for the real 151,643-token
         # vocabulary: one row holds up the batch's step). Hence the margin past the target:
