@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     # half of a batch's peak memory with whole prompts, shrink, so more videos fit a batch.
     prefill_chunk: int = Field(512, ge=0)
     # Under the grammar, a batch first has room for this many answer tokens (0: for the
-    # grammar's longest answer, about 2,300); answers still going then continue from where
+    # grammar's longest answer, about 2,500); answers still going then continue from where
     # they stopped with room for the longest (the engine's loop), or are described again
     # with that room (HF generate). Memory is sized for real answers.
     first_pass_tokens: int = Field(768, ge=0, le=8192)
