@@ -213,7 +213,7 @@ COLUMNS = (
 GRAMMARS = {
     "counted": "counted at target",
     "max_chars": "max_chars at target",
-    "margin": "max_chars at target + 32",
+    "margin": f"max_chars at target + {grammar.MARGIN_CHARS}",
 }
 
 
