@@ -12,10 +12,12 @@ from models.grammar import report_grammar
 class ReportGrammar:
     """Compiles the report grammar once per frame count for one tokenizer."""
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int] | None = None):
+        """`stop_ids`: every token the engine stops a row at (the model's generation config;
+        by default the tokenizer's end-of-sequence token)."""
         import xgrammar as xgr
 
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        info = _tokenizer_info(tokenizer, vocab_size, stop_ids or [tokenizer.eos_token_id])
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self._lock = threading.Lock()
         self._batch = None  # xgrammar's thread pool for whole-batch masks, made on first use
@@ -44,6 +46,30 @@ class ReportGrammar:
             self._batch = xgr.BatchGrammarMatcher()
             self._filler = ThreadPoolExecutor(1, thread_name_prefix="fleetscribe-grammar")
         return GrammarMasks([self.compiled(k) for k in frames_per_row], self._batch, self._filler)
+
+
+def _tokenizer_info(tokenizer, vocab_size: int, stop_ids: list[int]):
+    """xgrammar's view of the tokenizer, with every stop token a stop token and the other
+    special tokens never allowed.
+
+    xgrammar takes a token for text unless it decodes to nothing: a special token such as
+    Qwen's `<|endoftext|>` is printable ASCII, so a text could hold it. The engine stops a
+    row at any of the model's stop tokens (`<|im_end|>` and `<|endoftext|>`): the report
+    would end mid-text. The special tokens other than the stops are written as empty,
+    which xgrammar never allows, and every stop token ends only a whole report."""
+    import xgrammar as xgr
+
+    stops = sorted(set(stop_ids))
+    info = xgr.TokenizerInfo.from_huggingface(
+        tokenizer, vocab_size=vocab_size, stop_token_ids=stops
+    )
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    encoded = [""] * vocab_size
+    for token, i in tokenizer.get_vocab().items():
+        if i < vocab_size and (i not in special or i in stops):
+            encoded[i] = token
+    # the same vocabulary type, size and stop tokens, the other special tokens emptied
+    return xgr.TokenizerInfo.from_vocab_and_metadata(encoded, info.dump_metadata())
 
 
 class GrammarMasks:

@@ -631,7 +631,8 @@ def report_grammar(loaded: LoadedModel) -> ReportGrammar:
     from models.decoding import ReportGrammar
 
     vocab = loaded.model.config.get_text_config().vocab_size
-    return ReportGrammar(loaded.processor.tokenizer, vocab)
+    stops = _as_list(loaded.model.generation_config.eos_token_id)
+    return ReportGrammar(loaded.processor.tokenizer, vocab, stops)
 
 
 def _as_list(value) -> list[int]:

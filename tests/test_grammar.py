@@ -116,6 +116,31 @@ def test_the_grammar_refuses_what_the_schema_or_the_video_forbids(report_grammar
     assert not _accepts(report_grammar, 8, _compact(report))
 
 
+def test_no_special_token_is_text_and_every_stop_token_ends_only_a_whole_report(loaded):
+    """xgrammar takes a token for text unless it decodes to nothing, so by default a
+    special token such as `<|endoftext|>` (printable ASCII) could sit inside a text; the
+    engine stops a row at any of the model's stop tokens (generation_config: `<|im_end|>`
+    and `<|endoftext|>` for Qwen3-VL), which would cut the report short. The grammar holds
+    every stop token to the report's end and no other special token anywhere."""
+    from models.runner import report_grammar as grammar_of
+
+    tokenizer = loaded.processor.tokenizer
+    stops = set(loaded.model.generation_config.eos_token_id)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    assert len(stops) == 2 and stops < special and len(special - stops) >= 5
+    compiled = grammar_of(loaded).compiled(8)
+    report = _compact(_longest(8))
+    opened = report.index('"scene_description":"') + len('"scene_description":"')
+    for token in sorted(special):
+        matcher = xgr.GrammarMatcher(compiled)
+        assert matcher.accept_string(report[: opened + 3])
+        assert not matcher.accept_token(token), tokenizer.convert_ids_to_tokens(token)
+    for token in sorted(stops):
+        matcher = xgr.GrammarMatcher(compiled)
+        assert matcher.accept_string(report)
+        assert matcher.accept_token(token) and matcher.is_terminated()
+
+
 def test_a_hundred_varied_videos_all_get_valid_reports(loaded, random_videos):
     # What a valid report depends on: the frame count (one grammar each, the hazards' frame
     # index bounded by it), the batch (each row its own matcher, beside rows of other frame
