@@ -49,20 +49,66 @@ def _corpus() -> list[str]:
     return text
 
 
-def build_tokenizer(vocab_size: int = 1024):
-    """Byte-level BPE with Qwen's pre-tokenizer and special tokens, as a Qwen2Tokenizer."""
+def made_up_tokens(seed: int = 0):
+    """Tokens shaped like a large byte-level BPE's, made up here (no download), endlessly:
+    words with and without a leading space, digit runs, runs of spaces and newlines, CJK
+    characters; some may repeat."""
+    import random
+
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = [12, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
+    while True:
+        kind = rng.random()
+        if kind < 0.75:
+            word = "".join(rng.choices(letters, weights, k=rng.randint(2, 10)))
+            word = word.capitalize() if rng.random() < 0.15 else word
+            yield " " + word if rng.random() < 0.6 else word
+        elif kind < 0.8:
+            yield "".join(rng.choices("0123456789", k=rng.randint(1, 3)))
+        elif kind < 0.85:
+            yield " " * rng.randint(2, 16) if rng.random() < 0.5 else "\n" * rng.randint(1, 3)
+        else:
+            yield "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 2)))
+
+
+def synthetic_vocab(size: int, seed: int = 0) -> list[bytes]:
+    """`size` distinct tokens as bytes: every byte, JSON punctuation, then made-up ones."""
+    punctuation = ['",', '":', '{"', '"}', '":"', '","', "],", "},", ": ", ", ", ". ", " (", ") "]
+    vocab = [bytes([b]) for b in range(256)] + [p.encode() for p in punctuation]
+    seen = set(vocab)
+    tokens = made_up_tokens(seed)
+    while len(vocab) < size:
+        token = next(tokens).encode()
+        if token not in seen:
+            seen.add(token)
+            vocab.append(token)
+    return vocab[:size]
+
+
+# Qwen3's tokenizer holds this many tokens before its added special ones (the model's
+# embedding, 151,936 rows, is larger still).
+QWEN3_TOKENS = 151_643
+
+
+def build_tokenizer(vocab_size: int = 1024, filled_to: int = 0):
+    """Byte-level BPE with Qwen's pre-tokenizer and special tokens, as a Qwen2Tokenizer.
+
+    `filled_to`: made-up tokens (`made_up_tokens`) are added to the trained ones until the
+    vocabulary, before the special tokens, holds this many, e.g. Qwen3's 151,643, so that a
+    grammar's masks cost what they cost for the real tokenizer. They come with no merges:
+    text encodes exactly as with the trained vocabulary alone, and every token decodes.
+    """
     import json
 
     from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
+        [pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"), byte_level]
     )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -71,8 +117,14 @@ def build_tokenizer(vocab_size: int = 1024):
     )
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     state = json.loads(bpe.to_str())["model"]
+    vocab = state["vocab"]
+    tokens = made_up_tokens()
+    while len(vocab) < filled_to:
+        # the token as the byte-level BPE writes it (each byte one printable character)
+        (piece, _), *_ = byte_level.pre_tokenize_str(next(tokens))
+        vocab.setdefault(piece, len(vocab))
     tok = Qwen2Tokenizer(
-        vocab=state["vocab"],
+        vocab=vocab,
         merges=[tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]],
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -100,6 +152,7 @@ def build_tiny(
     merge_size: int = 2,
     max_frame_pixels: int = 128 * 128,
     vocab_size: int = 1024,
+    tokenizer_filled_to: int = 0,
     model_vocab_size: int | None = None,
     vision_intermediate: int | None = None,
     deepstack_indexes: list[int] | None = None,
@@ -111,8 +164,9 @@ def build_tiny(
 ) -> Path:
     """Write a randomly initialised Qwen3-VL + processor to `out_dir`; return the path.
 
-    The tokenizer has `vocab_size` entries; the model's embedding may be larger
-    (`model_vocab_size`, e.g. the real model's 151,936) so its cost is the real one.
+    The tokenizer has `vocab_size` trained entries, filled with made-up ones to
+    `tokenizer_filled_to` where that is larger (`build_tokenizer`); the model's embedding may
+    be larger (`model_vocab_size`, e.g. the real model's 151,936) so its cost is the real one.
     """
     import torch
     from transformers import (
@@ -128,7 +182,7 @@ def build_tiny(
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, filled_to=tokenizer_filled_to)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     unit = patch_size * merge_size
     image_processor = Qwen2VLImageProcessor(
@@ -211,8 +265,10 @@ def build_from_shape(
 ) -> Path:
     """A random model with a published shape (e.g. Qwen3-VL-4B's), with real frame sizes.
 
-    The tokenizer is the tiny one (no download); the model's vocabulary, layers, vision
-    tower and image preprocessing (16 px patches, 2x2 merge, up to 16 Mpx) are full size.
+    The tokenizer is the tiny one (no download) filled with made-up tokens to Qwen3's size,
+    so a grammar's masks cost what they cost for the real one; the model's vocabulary,
+    layers, vision tower and image preprocessing (16 px patches, 2x2 merge, up to 16 Mpx)
+    are full size.
     """
     import json
 
@@ -226,6 +282,7 @@ def build_from_shape(
         num_heads=text["num_attention_heads"],
         num_kv_heads=text["num_key_value_heads"],
         head_dim=text["head_dim"],
+        tokenizer_filled_to=QWEN3_TOKENS,
         model_vocab_size=text["vocab_size"],
         mrope_section=text["rope_parameters"]["mrope_section"],
         vision_depth=vision["depth"],

@@ -203,3 +203,22 @@ def test_nf4_keeps_the_vision_tower_and_lm_head_in_16_bit(tiny_model):
     assert all(".language_model." in n for n in converted)
     assert "lm_head" not in converted
     assert any(".visual." in n for n in linears) and not any(".visual." in n for n in converted)
+
+
+def test_a_tokenizer_filled_to_size_encodes_as_the_trained_one_and_decodes_every_token():
+    """The benchmarks' 4B-shaped model has a tokenizer of Qwen3's size (models.tiny): the
+    made-up tokens come without merges, so text encodes exactly as before, and each
+    decodes to its own text."""
+    from models.prompt import SYSTEM, instruction
+    from models.tiny import SPECIAL_TOKENS, build_tokenizer
+
+    trained = build_tokenizer(1024)
+    filled = build_tokenizer(1024, filled_to=5000)
+    assert len(filled) == 5000 + len(SPECIAL_TOKENS) > len(trained)
+    text = SYSTEM + instruction(8) + '{"scene_description":"A van, 3 lanes, rain."}'
+    assert filled.encode(text) == trained.encode(text)
+    made_up = range(len(trained) - len(SPECIAL_TOKENS), 5000)
+    pieces = [filled.decode([i]) for i in made_up]
+    assert len(set(pieces)) == len(pieces) and all(pieces)
+    # unreachable by encoding: no merge makes them
+    assert all(filled.encode(p) != [i] for p, i in zip(pieces[:200], made_up, strict=False))
