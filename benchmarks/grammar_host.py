@@ -32,7 +32,6 @@ import argparse
 import itertools
 import json
 import os
-import random
 import re
 import statistics
 import sys
@@ -43,43 +42,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.text_ends import SHORT, TextEnds
 from models import grammar
+from models.tiny import QWEN3_TOKENS, synthetic_vocab
 
-VOCAB = 151_643  # Qwen3's tokenizer without its added special tokens
+VOCAB = QWEN3_TOKENS  # Qwen3's tokenizer without its added special tokens
 STOP = "<|im_end|>"
-
-
-def synthetic_vocab(size: int, seed: int = 0) -> list[bytes]:
-    """Every byte, then made-up tokens shaped like a byte-level BPE's: words with and
-    without a leading space, digit runs, JSON punctuation, CJK characters; the stop token
-    last."""
-    rng = random.Random(seed)
-    letters = "etaoinshrdlcumwfgypbvkjxqz"
-    weights = [12, 9, 8, 8, 7, 7, 6, 6, 6, 4, 4, 3, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1]
-    vocab = [bytes([b]) for b in range(256)]
-    seen = set(vocab)
-    punct = ['",', '":', '{"', '"}', '":"', '","', "],", "},", ": ", ", ", ". ", " (", ") "]
-    for p in punct:
-        seen.add(p.encode())
-        vocab.append(p.encode())
-    while len(vocab) < size - 1:
-        kind = rng.random()
-        if kind < 0.75:
-            word = "".join(rng.choices(letters, weights, k=rng.randint(2, 10)))
-            word = word.capitalize() if rng.random() < 0.15 else word
-            token = (" " + word if rng.random() < 0.6 else word).encode()
-        elif kind < 0.8:
-            token = "".join(rng.choices("0123456789", k=rng.randint(1, 3))).encode()
-        elif kind < 0.85:
-            token = " " * rng.randint(2, 16) if rng.random() < 0.5 else "\n" * rng.randint(1, 3)
-            token = token.encode()
-        else:
-            token = "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 2)))
-            token = token.encode()
-        if token not in seen:
-            seen.add(token)
-            vocab.append(token)
-    return [*vocab, STOP.encode()]
 
 
 def busy(stop: threading.Event) -> None:
@@ -99,48 +67,6 @@ def as_was(grammar_text: str, how: str) -> str:
     if how == "max_chars":
         return _BUDGET.sub(r"\1[max_chars=\2] ::= \3+", grammar_text)
     return grammar_text
-
-
-TEXT_KEYS = {  # the key before each text, and its target length in characters
-    b'"scene_description":': grammar.SCENE_CHARS,
-    b'"description":': grammar.HAZARD_CHARS,
-    b'"risk_assessment":': grammar.RISK_CHARS,
-}
-
-
-class TextEnds:
-    """Where each row's open text should end (`--texts target`), from the bytes it wrote:
-    texts hold no quotes, so a row is inside a string while it has written an odd number of
-    them, and inside a text when the key before that string is a text's."""
-
-    def __init__(self, vocab: list[bytes], rows: int, short: float, seed: int):
-        self.vocab, self.short = vocab, short
-        self.written = [bytearray() for _ in range(rows)]
-        self.targets: list[dict[int, int]] = [{} for _ in range(rows)]
-        self.rng = random.Random(seed)
-
-    def due(self, row: int) -> bool:
-        """Whether this row has written its open text's drawn length."""
-        out = self.written[row]
-        if out.count(b'"') % 2 == 0:
-            return False
-        opened = out.rfind(b'"')
-        bound = next((n for key, n in TEXT_KEYS.items() if out.endswith(key, 0, opened)), None)
-        if bound is None:
-            return False
-        target = self.targets[row].setdefault(
-            opened, self.rng.randint(int(self.short * bound), bound)
-        )
-        return len(out) - opened - 1 >= target
-
-    def opens(self, row: int) -> bool:
-        """Whether this row is about to open a text (it opens it with a bare quote, not with
-        a token that would end it at once, such as `":"`)."""
-        return any(self.written[row].endswith(key) for key in TEXT_KEYS)
-
-    def wrote(self, tokens: list[int]) -> None:
-        for out, token in zip(self.written, tokens, strict=True):
-            out += self.vocab[token]
 
 
 def run(masks, quotes, steps: int, fill_now: bool, load: int, ends, seed: int) -> dict:
@@ -233,7 +159,7 @@ def main() -> int:
     parser.add_argument("--fills", default="background,now", help="background, now or both")
     parser.add_argument("--texts", choices=("target", "random"), default="target")
     parser.add_argument(
-        "--short", type=float, default=0.5, help="--texts target: shortest text, x target"
+        "--short", type=float, default=SHORT, help="--texts target: shortest text, x target"
     )
     parser.add_argument(
         "--close", type=float, default=0.02, help="--texts random: chance a row ends a text"
@@ -248,7 +174,7 @@ def main() -> int:
 
     from models.decoding import GrammarMasks
 
-    vocab = synthetic_vocab(VOCAB)
+    vocab = [*synthetic_vocab(VOCAB - 1), STOP.encode()]  # the stop token last
     info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, stop_token_ids=[len(vocab) - 1])
     quotes = torch.tensor([i for i, t in enumerate(vocab) if t.startswith(b'"')])
     compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)

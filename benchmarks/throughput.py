@@ -5,15 +5,19 @@ On a CUDA machine (the numbers in README come from this):
     python benchmarks/throughput.py --out benchmarks/results/throughput_h100
 
 It builds a random model with Qwen3-VL-4B's published shape (benchmarks/shapes/, no
-download), writes real H.264 test clips, samples their frames with the real sampler and
-forces a fixed answer length (--new-tokens). For each setting and frame count it runs
+download; its tokenizer filled with made-up tokens to Qwen3's 151,643, so the grammar's
+masks cost what they cost for the real one), writes real H.264 test clips, samples their
+frames with the real sampler and forces a fixed answer length (--new-tokens). For each
+setting and frame count it runs
 - seed: NF4, one video per `generate` call, default dynamic cache (SEED.md's loop);
 - engine (generate): fleetscribe's runner on HF `generate` (the engine before the decode
   loop), fed by CPU threads through the worker's batcher, i.e. frames are decoded and
   preprocessed while the GPU runs the previous batch;
 - engine (graph): the same runner on its own decode loop, each step a replayed CUDA graph;
 at `h100` (bf16 compute, whole card) and `t4` (fp16 compute, memory capped at 15 GiB).
-`--grammar` adds both paths under the report grammar, `--lengths` both paths with answers
+`--grammar` adds both paths under the report grammar (the random model ends each text at
+a length drawn below its target, as a trained model does, rather than at the grammar's
+bound: `--texts`, benchmarks/text_ends.py), `--lengths` both paths with answers
 that stop at different lengths (drawn from a distribution), so compaction shows, and
 `--profile` a torch.profiler summary of the phase before the first token (`--profile-decode`
 of decode steps). `--decode-attention` (models.decode_attention: sdpa, matmul, flex) and
@@ -213,7 +217,11 @@ def run_batched(
     cap = apply_memory_cap(loaded.device, memory_gib)
     if compile and loaded.quant == "nf4":
         allow_compiling_nf4(loaded.model)
-    grammar = report_grammar(loaded) if constrained else None
+    grammar = None
+    if constrained:  # with --texts target, the random model ends texts as trained ones do
+        from benchmarks.text_ends import EndingGrammar
+
+        grammar = report_grammar(loaded, EndingGrammar if args.texts == "target" else None)
     runner = ModelRunner(loaded, config, grammar=grammar, memory_cap=cap)
     if runner.generation == "graph":
         use_runs_attention(loaded.model)
@@ -278,7 +286,7 @@ def run_batched(
         name += f" + {decode_attention} attention"
     if prefill != "eager":
         name += f" + {prefill} prefill"
-    name += " + grammar" if constrained else ""
+    name += f" + grammar (texts to {args.texts})" if constrained else ""
     if new_tokens != args.new_tokens:
         name += f" ({new_tokens} tokens)"
     if lengths is not None:
@@ -902,6 +910,13 @@ def main() -> int:
         type=int,
         default=0,
         help="cap constrained answers at this many tokens (0: the grammar's own bound)",
+    )
+    parser.add_argument(
+        "--texts",
+        choices=("target", "bound"),
+        default="target",
+        help="under --grammar, the random model ends each text at a length drawn below its "
+        "target (benchmarks/text_ends.py), or writes it to the grammar's bound",
     )
     parser.add_argument("--e2e", action="store_true", help="also run through Redis + a worker")
     parser.add_argument("--setup-only", action="store_true", help="write clips and model, stop")

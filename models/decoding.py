@@ -12,6 +12,9 @@ from models.grammar import report_grammar
 class ReportGrammar:
     """Compiles the report grammar once per frame count for one tokenizer."""
 
+    # A batch's masks: GrammarMasks, or a subclass (a benchmark's random model ends its texts)
+    masks_type: type[GrammarMasks] | None = None
+
     def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int] | None = None):
         """`stop_ids`: every token the engine stops a row at (the model's generation config;
         by default the tokenizer's end-of-sequence token)."""
@@ -45,7 +48,8 @@ class ReportGrammar:
 
             self._batch = xgr.BatchGrammarMatcher()
             self._filler = ThreadPoolExecutor(1, thread_name_prefix="fleetscribe-grammar")
-        return GrammarMasks([self.compiled(k) for k in frames_per_row], self._batch, self._filler)
+        grammars = [self.compiled(k) for k in frames_per_row]
+        return (self.masks_type or GrammarMasks)(grammars, self._batch, self._filler)
 
 
 def _tokenizer_info(tokenizer, vocab_size: int, stop_ids: list[int]):

@@ -626,13 +626,14 @@ class _StopAfter:
         return input_ids.shape[1] - self.prompt_len >= self._limits
 
 
-def report_grammar(loaded: LoadedModel) -> ReportGrammar:
-    """The report grammar compiled for this model's tokenizer (one per process)."""
+def report_grammar(loaded: LoadedModel, kind: type[ReportGrammar] | None = None) -> ReportGrammar:
+    """The report grammar compiled for this model's tokenizer (one per process); `kind`: a
+    subclass (a benchmark's)."""
     from models.decoding import ReportGrammar
 
     vocab = loaded.model.config.get_text_config().vocab_size
     stops = _as_list(loaded.model.generation_config.eos_token_id)
-    return ReportGrammar(loaded.processor.tokenizer, vocab, stops)
+    return (kind or ReportGrammar)(loaded.processor.tokenizer, vocab, stops)
 
 
 def _as_list(value) -> list[int]:

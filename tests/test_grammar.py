@@ -219,3 +219,49 @@ def test_the_masks_know_which_rows_ended_without_asking_each_matcher(loaded, rep
             masks.keep([2, 0, 1])
         assert steps < 3000
     assert steps > 20
+
+
+def test_the_benchmarks_random_model_ends_its_texts_by_their_targets(loaded):
+    """benchmarks/throughput.py's grammar rows (benchmarks/text_ends.py): the random model,
+    which left alone writes every text to the grammar's bound, ends each text at a length
+    drawn between SHORT x its target and the target, so the masks cost what a trained
+    model's do; the answers stay valid reports, also after `keep` reorders the rows."""
+    import torch
+
+    from benchmarks.text_ends import SHORT, TEXT_KEYS, EndingGrammar
+    from models.runner import report_grammar as grammar_of
+
+    tokenizer = loaded.processor.tokenizer
+    vocab = loaded.model.config.get_text_config().vocab_size
+    masks = grammar_of(loaded, EndingGrammar).masks([8, 3, 1])
+    generator = torch.Generator().manual_seed(1)
+    written: list[list[int]] = [[], [], []]
+    order = [0, 1, 2]  # which row each buffer position holds
+    masks(None, torch.zeros(3, vocab))  # logits as wide as the model's vocabulary
+    steps = 0
+    while not all(masks.ended):
+        logits = masks(None, torch.rand(len(order), vocab, generator=generator))
+        tokens = logits.argmax(-1).tolist()
+        for position, row in enumerate(order):
+            if not masks.ended[position]:
+                written[row].append(tokens[position])
+        masks.accept(tokens)
+        steps += 1
+        if steps == 50:
+            order = [order[i] for i in (2, 0, 1)]
+            masks.keep([2, 0, 1])
+        assert steps < 3000
+    longest = max(len(t) for t in tokenizer.convert_ids_to_tokens(range(len(tokenizer))))
+    lengths = []
+    for row, frames in zip(written, (8, 3, 1), strict=True):
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        assert parse_report(text, frames=frames).valid, text
+        report = json.loads(text)
+        texts = [("scene", report["scene_description"], grammar.SCENE_CHARS)]
+        texts += [("risk", report["risk_assessment"], grammar.RISK_CHARS)]
+        texts += [("hazard", h["description"], grammar.HAZARD_CHARS) for h in report["hazards"]]
+        for name, value, target in texts:
+            assert SHORT * target <= len(value) < target + longest, (name, len(value), target)
+            lengths.append(len(value) / target)
+    assert len(TEXT_KEYS) == 3 and len(lengths) >= 6
+    assert len({round(x, 2) for x in lengths}) > len(lengths) // 2  # drawn, not one length
