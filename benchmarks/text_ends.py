@@ -76,7 +76,7 @@ class EndingMasks(GrammarMasks):
     """The engine's grammar masks, plus: a row about to open a text takes the bare quote; a
     row in a text takes no token holding a quote until the text is due to end, then its
     best allowed one (as `benchmarks/grammar_host.py --texts target` does on the host).
-    The extra host work (a few short byte checks a row a step) and up to three small
+    The extra host work (a few short byte checks a row a step) and three small
     device ops count into the grammar's measured cost, a slight overstatement."""
 
     BIG = 1e4  # above any random logit, within float16
@@ -104,21 +104,24 @@ class EndingMasks(GrammarMasks):
         import torch
 
         scores = super().__call__(input_ids, scores)
-        live = [r for r in range(scores.shape[0]) if not self.ended[r]]
-        texts = {r: self.ends.in_text(r) for r in live}
-        due = [r for r, state in texts.items() if state]
-        writing = [r for r, state in texts.items() if state is False]
-        opening = [r for r in live if self.ends.opens(r)]
+        rows = scores.shape[0]
+        shifts = torch.zeros(2, rows)  # per row: the quoting tokens' shift, the bare quote's
+        for r in range(rows):
+            if self.ended[r]:
+                continue
+            state = self.ends.in_text(r)
+            if state is not None:
+                shifts[0, r] = self.BIG if state else -self.BIG
+            if self.ends.opens(r):
+                shifts[1, r] = 2 * self.BIG
         device = scores.device
+        cuda = device.type == "cuda"
+        # From pinned memory, so the copy waits for nothing the device is running.
+        shifts = (shifts.pin_memory() if cuda else shifts).to(device, non_blocking=cuda)
         quoting = self._on.setdefault(device, self._quoting.to(device))
         # Masked tokens stay at -inf: only allowed ones move.
-        for rows, change in ((due, self.BIG), (writing, -self.BIG)):
-            if rows:
-                rows = torch.tensor(rows).to(device, non_blocking=True)
-                scores[rows[:, None], quoting[None, :]] += change
-        if opening:
-            rows = torch.tensor(opening).to(device, non_blocking=True)
-            scores[rows, self._bare] += 2 * self.BIG
+        scores[:, quoting] += shifts[0, :, None].to(scores.dtype)
+        scores[:, self._bare] += shifts[1].to(scores.dtype)
         return scores
 
 
