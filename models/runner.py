@@ -524,10 +524,8 @@ class ModelRunner:
             result.steps,
             result.buckets,
         )
-        pad_id = self.loaded.processor.tokenizer.pad_token_id
-        width = max(len(t) for t in result.tokens)
-        new = torch.tensor([t + [pad_id] * (width - len(t)) for t in result.tokens])
-        return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return self._decode(result.tokens, prompt_tokens, elapsed, finished=result.finished)
 
     def _timed(self, timing: BatchTiming) -> None:
         self.timings.append(timing)
@@ -564,8 +562,8 @@ class ModelRunner:
             options["disable_compile"] = True
         first = _FirstToken(began, synchronise=self.on_cuda)
         options["stopping_criteria"] = [*options.get("stopping_criteria", []), first]
-        if (lengths := self._stop_after(batch)) is not None:
-            options["stopping_criteria"].append(_StopAfter(lengths, prompt_len))
+        if (forced := self._stop_after(batch)) is not None:
+            options["stopping_criteria"].append(_StopAfter(forced, prompt_len))
         rows, row_tokens = len(batch), prompt_len + answer_tokens
         with self._lock, torch.inference_mode(), self.memory.measured(rows, row_tokens):
             out = self.loaded.model.generate(**inputs, **options)
@@ -573,24 +571,42 @@ class ModelRunner:
         elapsed = time.perf_counter() - began
         self._timed(BatchTiming(rows, elapsed, first.seconds, new.shape[1] - 1, "generate"))
         log.info("batch of %d x %d tokens in %.2f s", len(batch), prompt_len, elapsed)
-        return self._decode(new, inputs["attention_mask"].sum(dim=1).tolist(), elapsed)
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return self._decode(new.tolist(), prompt_tokens, elapsed, forced=forced)
 
-    def _decode(self, new, prompt_tokens: list[int], elapsed: float) -> list[Answer]:
+    def _decode(
+        self,
+        rows: list[list[int]],
+        prompt_tokens: list[int],
+        elapsed: float,
+        *,
+        finished: list[bool] | None = None,
+        forced: list[int] | None = None,
+    ) -> list[Answer]:
+        """Each row's answer: its tokens up to the first stop token. `finished`: which rows
+        ended (the engine's loop knows, its rows unpadded); else (HF `generate`, which pads
+        a row only after it ended) a row ended where it holds a stop token or padding (the
+        padding may be Qwen's `<|endoftext|>`, itself a stop token) or reached the length
+        `forced` on it (the benchmarks' answer lengths; that padding is no token of the
+        model's)."""
         tokenizer = self.loaded.processor.tokenizer
         stop_ids = set(_as_list(self.loaded.model.generation_config.eos_token_id))
-        pad_id = tokenizer.pad_token_id
         answers = []
-        for row, tokens_in in zip(new.tolist(), prompt_tokens, strict=True):
+        for i, (row, tokens_in) in enumerate(zip(rows, prompt_tokens, strict=True)):
             kept = []
             for token in row:
                 if token in stop_ids:
                     break
                 kept.append(token)
-            stopped = len(kept) < len(row) and row[len(kept)] != pad_id
+            if finished is not None:
+                ended = finished[i]
+            else:
+                ended = len(kept) < len(row) or (forced is not None and len(kept) >= forced[i])
+            # the stop token the model chose counts among its tokens
+            chose_stop = len(kept) < len(row) and (forced is None or len(kept) < forced[i])
             text = tokenizer.decode(kept, skip_special_tokens=True)
-            answers.append(
-                Answer(text, int(tokens_in), len(kept) + int(stopped), elapsed, len(new), stopped)
-            )
+            tokens_out = len(kept) + int(chose_stop)
+            answers.append(Answer(text, int(tokens_in), tokens_out, elapsed, len(rows), ended))
         return answers
 
 

@@ -141,6 +141,40 @@ def test_no_special_token_is_text_and_every_stop_token_ends_only_a_whole_report(
         assert matcher.accept_token(token) and matcher.is_terminated()
 
 
+@pytest.mark.parametrize("generation", ["generate", "loop"])
+def test_weights_that_favour_special_tokens_still_write_whole_reports(
+    loaded, random_videos, generation
+):
+    """End to end, both decoding paths: special tokens' logits lifted far above the rest
+    (a forward hook on the LM head), `<|endoftext|>` (a stop token to the engine, not the
+    tokenizer's end of sequence) most, so the model would write it as soon as a text opens,
+    or else another special token. Under the grammar it writes whole, valid reports and
+    stops only after them."""
+    import torch
+
+    tokenizer = loaded.processor.tokenizer
+    stops = set(loaded.model.generation_config.eos_token_id)
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert stops == {tokenizer.eos_token_id, endoftext}
+    special = [i for i, t in tokenizer.added_tokens_decoder.items() if t.special]
+    others = torch.tensor([i for i in special if i not in stops])
+
+    def favour(module, inputs, logits):
+        logits[..., others] += 500.0
+        logits[..., endoftext] += 1000.0
+        return logits
+
+    videos = random_videos(2, seed=5, max_frames=4)
+    hook = loaded.model.lm_head.register_forward_hook(favour)
+    try:
+        answers = make_runner(loaded, batch_size=2, generation=generation).answer(videos)
+    finally:
+        hook.remove()
+    for answer, video in zip(answers, videos, strict=True):
+        assert parse_report(answer.text, frames=len(video.timestamps)).valid, answer.text[-200:]
+        assert answer.finished
+
+
 def test_a_hundred_varied_videos_all_get_valid_reports(loaded, random_videos):
     # What a valid report depends on: the frame count (one grammar each, the hazards' frame
     # index bounded by it), the batch (each row its own matcher, beside rows of other frame
