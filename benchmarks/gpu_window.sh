@@ -10,14 +10,16 @@
 #   benchmarks/gpu_window.sh checks    gpu_smoke.py, and grammar_host.py on 16 cores
 #   benchmarks/gpu_window.sh switch5   best8's plain rows under Python's default switch interval
 #   benchmarks/gpu_window.sh matmul    the third decode attention (matmul) beside sdpa, eager prefill
+#   benchmarks/gpu_window.sh bound     the grammar at 8 frames with the random model's texts run to
+#                                      their bounds (--texts bound): the masks' worst case
 # best8 keeps its rows on the machine (.fleetscribe/keep); the later steps run the loop with
 # its fastest pair. A machine idle 30 s is given back bare: call the next step straight away.
 # Each step stops its commands by WINDOW_S seconds (default 585); a command cut short has
 # saved the rows it finished.
 set -uo pipefail
-step=${1:?usage: benchmarks/gpu_window.sh best8|grammar|t4|checks|switch5|matmul}
-case $step in best8 | grammar | t4 | checks | switch5 | matmul) ;; *)
-    echo "gpu_window: unknown step $step (best8, grammar, t4, checks, switch5, matmul)" >&2
+step=${1:?usage: benchmarks/gpu_window.sh best8|grammar|t4|checks|switch5|matmul|bound}
+case $step in best8 | grammar | t4 | checks | switch5 | matmul | bound) ;; *)
+    echo "gpu_window: unknown step $step (best8, grammar, t4, checks, switch5, matmul, bound)" >&2
     exit 2
     ;;
 esac
@@ -66,7 +68,7 @@ EOF
 }
 
 pick=()
-case $step in grammar | t4 | switch5)
+case $step in grammar | t4 | switch5 | bound)
     read -ra pick <<<"$(chosen)"
     echo "the loop: ${pick[*]:-its defaults}"
     ;;
@@ -104,5 +106,10 @@ matmul)
     measure matmul8 "${bench[@]}" --settings h100 --videos 256 --batch-size 128 --frames 8 \
         --paths generate,graph --decode-attention matmul,sdpa --prefill eager \
         --out "$out/matmul8"
+    ;;
+bound)
+    measure bound8 "${bench[@]}" --settings h100 --videos 128 --batch-size 128 --frames 8 \
+        --paths generate,graph --grammar --grammar-steps 256 --texts bound "${pick[@]}" \
+        --out "$out/bound8"
     ;;
 esac
