@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 
 from models import grammar
-from models.decoding import GrammarMasks, ReportGrammar
+from models.decoding import GrammarMasks
 
 TEXT_KEYS = {  # the key before each text, and its target length in characters
     b'"scene_description":': grammar.SCENE_CHARS,
@@ -123,9 +123,3 @@ class EndingMasks(GrammarMasks):
         scores[:, quoting] += shifts[0, :, None].to(scores.dtype)
         scores[:, self._bare] += shifts[1].to(scores.dtype)
         return scores
-
-
-class EndingGrammar(ReportGrammar):
-    """The report grammar whose batches' masks are `EndingMasks`."""
-
-    masks_type = EndingMasks

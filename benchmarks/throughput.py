@@ -217,11 +217,11 @@ def run_batched(
     cap = apply_memory_cap(loaded.device, memory_gib)
     if compile and loaded.quant == "nf4":
         allow_compiling_nf4(loaded.model)
-    grammar = None
-    if constrained:  # with --texts target, the random model ends texts as trained ones do
-        from benchmarks.text_ends import EndingGrammar
+    grammar = report_grammar(loaded) if constrained else None
+    if grammar is not None and args.texts == "target":  # texts end as a trained model's do
+        from benchmarks.text_ends import EndingMasks
 
-        grammar = report_grammar(loaded, EndingGrammar if args.texts == "target" else None)
+        grammar.masks_type = EndingMasks
     runner = ModelRunner(loaded, config, grammar=grammar, memory_cap=cap)
     if runner.generation == "graph":
         use_runs_attention(loaded.model)

@@ -455,7 +455,7 @@ class ModelRunner:
         import torch
 
         if self._loop is None:
-            stop_ids = _as_list(self.loaded.model.generation_config.eos_token_id)
+            stop_ids = _stop_ids(self.loaded)
             pad_id = self.loaded.processor.tokenizer.pad_token_id
             graphs = self.generation == "graph"
             pool = torch.cuda.graph_pool_handle() if graphs else None
@@ -590,7 +590,7 @@ class ModelRunner:
         `forced` on it (the benchmarks' answer lengths; that padding is no token of the
         model's)."""
         tokenizer = self.loaded.processor.tokenizer
-        stop_ids = set(_as_list(self.loaded.model.generation_config.eos_token_id))
+        stop_ids = set(_stop_ids(self.loaded))
         answers = []
         for i, (row, tokens_in) in enumerate(zip(rows, prompt_tokens, strict=True)):
             kept = []
@@ -642,14 +642,17 @@ class _StopAfter:
         return input_ids.shape[1] - self.prompt_len >= self._limits
 
 
-def report_grammar(loaded: LoadedModel, kind: type[ReportGrammar] | None = None) -> ReportGrammar:
-    """The report grammar compiled for this model's tokenizer (one per process); `kind`: a
-    subclass (a benchmark's)."""
+def report_grammar(loaded: LoadedModel) -> ReportGrammar:
+    """The report grammar compiled for this model's tokenizer (one per process)."""
     from models.decoding import ReportGrammar
 
     vocab = loaded.model.config.get_text_config().vocab_size
-    stops = _as_list(loaded.model.generation_config.eos_token_id)
-    return (kind or ReportGrammar)(loaded.processor.tokenizer, vocab, stops)
+    return ReportGrammar(loaded.processor.tokenizer, vocab, _stop_ids(loaded))
+
+
+def _stop_ids(loaded: LoadedModel) -> list[int]:
+    """Every token a row stops at: the model's generation config's end-of-sequence ids."""
+    return _as_list(loaded.model.generation_config.eos_token_id)
 
 
 def _as_list(value) -> list[int]:

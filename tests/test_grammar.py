@@ -262,12 +262,14 @@ def test_the_benchmarks_random_model_ends_its_texts_by_their_targets(loaded):
     model's do; the answers stay valid reports, also after `keep` reorders the rows."""
     import torch
 
-    from benchmarks.text_ends import SHORT, TEXT_KEYS, EndingGrammar
+    from benchmarks.text_ends import SHORT, TEXT_KEYS, EndingMasks
     from models.runner import report_grammar as grammar_of
 
     tokenizer = loaded.processor.tokenizer
     vocab = loaded.model.config.get_text_config().vocab_size
-    masks = grammar_of(loaded, EndingGrammar).masks([8, 3, 1])
+    ending = grammar_of(loaded)
+    ending.masks_type = EndingMasks
+    masks = ending.masks([8, 3, 1])
     generator = torch.Generator().manual_seed(1)
     written: list[list[int]] = [[], [], []]
     order = [0, 1, 2]  # which row each buffer position holds
